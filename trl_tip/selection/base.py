@@ -1,0 +1,160 @@
+"""The selector protocol and the helpers every selection rule shares."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..signals import TokenSignals
+
+
+QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
+
+__all__ = [
+    "QUADRANTS",
+    "SelectionContext",
+    "TokenSelector",
+    "assign_quadrants",
+    "budget",
+    "sample_without_replacement",
+    "top_k_mask",
+    "validate_selection",
+]
+
+
+@dataclass
+class SelectionContext:
+    """What a selector may use besides the signals of the current micro-batch.
+
+    Attributes:
+        entropy_threshold: Entropy split of the quadrants (the same on every process).
+        divergence_threshold: Divergence split of the quadrants (the same on every process).
+        quadrant: Quadrant id of each position, shape `(N,)`, values in `{1, 2, 3, 4}` (0 for non-finite positions).
+        generator: Seeded CPU generator, to draw from for any randomness (reproducible runs).
+        global_step: Optimizer step the micro-batch belongs to.
+        process_index: Rank of this process.
+        num_processes: Number of processes.
+        gather: Concatenates a 1-D tensor over all processes (identity on one process); use it to compute
+            thresholds that every rank must share.
+    """
+
+    entropy_threshold: float
+    divergence_threshold: float
+    quadrant: torch.Tensor
+    generator: torch.Generator
+    global_step: int = 0
+    process_index: int = 0
+    num_processes: int = 1
+    gather: object = None
+
+    def gather_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenates `values` over all processes (identity on one process)."""
+        return values if self.gather is None else self.gather(values)
+
+
+@runtime_checkable
+class TokenSelector(Protocol):
+    """A selection rule: maps the per-token signals to a keep-mask or to non-negative weights.
+
+    A selector is called once per micro-batch with the signals of the `N` eligible positions and returns either a
+    boolean tensor of shape `(N,)` (kept positions) or a floating tensor of shape `(N,)` of non-negative finite
+    weights (positions with weight 0 are dropped; the loss is normalised by the sum of the weights). Positions with
+    `signals.finite == False` are dropped whatever the selector returns.
+
+    A selector that needs state across steps keeps it itself or in a `TrainerCallback`; a selector with a
+    `state_dict()` / `load_state_dict()` pair is saved in and restored from checkpoints by `TIPTrainer`.
+    """
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor: ...
+
+
+def assign_quadrants(
+    entropy: torch.Tensor, divergence: torch.Tensor, entropy_threshold: float, divergence_threshold: float
+) -> torch.Tensor:
+    """Quadrant id of each token: 1 = high H & high D, 2 = high H & low D, 3 = low H & high D, 4 = low H & low D.
+
+    "High" means greater than or equal to the threshold.
+
+    Args:
+        entropy (`torch.Tensor`): Entropies of shape `(N,)`.
+        divergence (`torch.Tensor`): Divergences of shape `(N,)`.
+        entropy_threshold (`float`): Entropy split.
+        divergence_threshold (`float`): Divergence split.
+
+    Returns:
+        `torch.Tensor`: Long tensor of shape `(N,)` with values in `{1, 2, 3, 4}`.
+    """
+    high_h = entropy >= entropy_threshold
+    high_d = divergence >= divergence_threshold
+    return torch.where(high_h, torch.where(high_d, 1, 2), torch.where(high_d, 3, 4)).long()
+
+
+def budget(n: int, keep_ratio: float) -> int:
+    """Number of tokens a ratio keeps out of `n`: `keep_ratio * n` rounded half up."""
+    return min(n, int(math.floor(keep_ratio * n + 0.5)))
+
+
+def top_k_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the `k` highest `scores` among `candidates` (all positions if `None`); ties by lower index."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if candidates is not None:
+        idx = candidates.nonzero(as_tuple=True)[0]
+    else:
+        idx = torch.arange(scores.numel(), device=scores.device)
+    k = min(k, idx.numel())
+    if k <= 0:
+        return mask
+    # A stable descending sort makes the choice among equal scores deterministic.
+    order = torch.sort(scores[idx], descending=True, stable=True).indices[:k]
+    mask[idx[order]] = True
+    return mask
+
+
+def sample_without_replacement(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Draws `k` positions without replacement with probability proportional to `weights` (Gumbel top-k).
+
+    Positions of weight 0 are drawn only once every positive-weight position is taken, uniformly among themselves.
+
+    Args:
+        weights (`torch.Tensor`): Non-negative weights of shape `(N,)`.
+        k (`int`): Number of positions to draw.
+        generator (`torch.Generator`): CPU generator the draw comes from.
+
+    Returns:
+        `torch.Tensor`: Boolean mask of shape `(N,)` with `min(k, N)` positions set.
+    """
+    n = weights.numel()
+    uniform = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+    gumbel = -torch.log(-torch.log(uniform)).to(weights.device)
+    w = weights.double()
+    positive = w > 0
+    keys = torch.where(positive, torch.log(torch.where(positive, w, 1.0)) + gumbel, gumbel - 1e6)
+    return top_k_mask(keys, k)
+
+
+def validate_selection(selection: torch.Tensor, n: int, name: str = "selector") -> torch.Tensor:
+    """Checks what a selector returned and turns it into float weights of shape `(n,)`.
+
+    Raises:
+        TypeError: if it is not a tensor, or neither boolean nor floating.
+        ValueError: if its shape is not `(n,)`, or a weight is negative or not finite.
+    """
+    if not isinstance(selection, torch.Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor of shape ({n},), got {type(selection).__name__}.")
+    if tuple(selection.shape) != (n,):
+        raise ValueError(
+            f"{name} returned a tensor of shape {tuple(selection.shape)}; expected ({n},), one value per eligible "
+            "completion token."
+        )
+    if selection.dtype == torch.bool:
+        return selection.float()
+    if not selection.is_floating_point():
+        raise TypeError(
+            f"{name} returned dtype {selection.dtype}; expected torch.bool (keep-mask) or a floating dtype (weights)."
+        )
+    if n and (not torch.isfinite(selection).all() or (selection < 0).any()):
+        raise ValueError(f"{name} returned weights that are negative or not finite; weights must be finite and >= 0.")
+    return selection.float()

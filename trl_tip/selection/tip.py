@@ -1,0 +1,175 @@
+"""TIP selection rules: all, random, entropy top-k, entropy sampling, quadrant subsets and the type-aware rule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..signals import TokenSignals
+from .base import QUADRANTS, SelectionContext, budget, sample_without_replacement, top_k_mask
+
+
+__all__ = [
+    "AllTokens",
+    "EntropyDivergenceSample",
+    "EntropySample",
+    "EntropyTopK",
+    "QuadrantSubset",
+    "RandomTokens",
+    "TypeAware",
+]
+
+
+def _check_ratio(keep_ratio: float) -> float:
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+    return float(keep_ratio)
+
+
+class AllTokens:
+    """Keeps every eligible token: exactly GKD's loss."""
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        return torch.ones(len(signals), dtype=torch.bool, device=signals.entropy.device)
+
+    def __repr__(self) -> str:
+        return "AllTokens()"
+
+
+class RandomTokens:
+    """Keeps `keep_ratio` of the tokens of each process, drawn uniformly without replacement."""
+
+    def __init__(self, keep_ratio: float):
+        self.keep_ratio = _check_ratio(keep_ratio)
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        weights = signals.finite.float()
+        return sample_without_replacement(weights, budget(int(signals.finite.sum()), self.keep_ratio), context.generator)
+
+    def __repr__(self) -> str:
+        return f"RandomTokens(keep_ratio={self.keep_ratio})"
+
+
+class EntropyTopK:
+    """Keeps the tokens whose entropy is in the top `keep_ratio` of the step over all processes.
+
+    Like `GRPOConfig.top_entropy_quantile`: the threshold is the `(1 - keep_ratio)`-quantile of the entropies
+    gathered from every process, so all ranks use the same cut; tokens at or above it are kept.
+    """
+
+    def __init__(self, keep_ratio: float):
+        self.keep_ratio = _check_ratio(keep_ratio)
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        if self.keep_ratio >= 1.0:
+            return torch.ones(len(signals), dtype=torch.bool, device=signals.entropy.device)
+        all_entropy = context.gather_values(signals.entropy[signals.finite])
+        if all_entropy.numel() == 0:
+            return torch.zeros(len(signals), dtype=torch.bool, device=signals.entropy.device)
+        threshold = torch.quantile(all_entropy.float(), 1.0 - self.keep_ratio)
+        return (signals.entropy >= threshold) & signals.finite
+
+    def __repr__(self) -> str:
+        return f"EntropyTopK(keep_ratio={self.keep_ratio})"
+
+
+class EntropyDivergenceSample:
+    """Samples `keep_ratio` of the tokens without replacement, with weight `H^alpha * D^gamma`.
+
+    This is the reference implementation's rule; `gamma = 0` is pure entropy sampling, `alpha = gamma = 0` uniform.
+    """
+
+    def __init__(self, keep_ratio: float, alpha: float = 1.0, gamma: float = 1.0):
+        self.keep_ratio = _check_ratio(keep_ratio)
+        if alpha < 0 or gamma < 0:
+            raise ValueError(f"alpha and gamma must be >= 0, got alpha={alpha}, gamma={gamma}.")
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+
+    def weights(self, signals: TokenSignals) -> torch.Tensor:
+        """Sampling weight of each token."""
+        w = signals.entropy.clamp_min(0).pow(self.alpha)
+        if self.gamma != 0:
+            w = w * signals.divergence.clamp_min(0).pow(self.gamma)
+        return torch.where(signals.finite, w, torch.zeros_like(w))
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        k = budget(int(signals.finite.sum()), self.keep_ratio)
+        return sample_without_replacement(self.weights(signals), k, context.generator)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keep_ratio={self.keep_ratio}, alpha={self.alpha}, gamma={self.gamma})"
+
+
+class EntropySample(EntropyDivergenceSample):
+    """Samples `keep_ratio` of the tokens without replacement, with weight `H^alpha` (the paper's 50% rule)."""
+
+    def __init__(self, keep_ratio: float, alpha: float = 1.0):
+        super().__init__(keep_ratio, alpha=alpha, gamma=0.0)
+
+    def __repr__(self) -> str:
+        return f"EntropySample(keep_ratio={self.keep_ratio}, alpha={self.alpha})"
+
+
+def parse_quadrants(quadrants: Iterable[str]) -> tuple[int, ...]:
+    """Turns names such as `["Q3"]` or `["q1", "Q3"]` into quadrant ids `(3,)`, `(1, 3)`.
+
+    Raises:
+        ValueError: on an empty list or an unknown name.
+    """
+    if isinstance(quadrants, str):
+        quadrants = [quadrants]
+    ids = []
+    for name in quadrants:
+        key = str(name).strip().upper()
+        if key not in QUADRANTS:
+            raise ValueError(f"Unknown quadrant {name!r} in quadrants; allowed values: {', '.join(QUADRANTS)}.")
+        ids.append(QUADRANTS.index(key) + 1)
+    if not ids:
+        raise ValueError(f"quadrants must name at least one of {', '.join(QUADRANTS)}.")
+    return tuple(sorted(set(ids)))
+
+
+class QuadrantSubset:
+    """Keeps every token of the given quadrants, e.g. `["Q3"]` (confident and wrong) or `["Q1", "Q3"]`."""
+
+    def __init__(self, quadrants: Iterable[str]):
+        self.quadrant_ids = parse_quadrants(quadrants)
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        ids = torch.tensor(self.quadrant_ids, device=context.quadrant.device)
+        return torch.isin(context.quadrant, ids)
+
+    def __repr__(self) -> str:
+        return f"QuadrantSubset(quadrants={[QUADRANTS[i - 1] for i in self.quadrant_ids]})"
+
+
+class TypeAware:
+    """TIP's type-aware rule: uncertain tokens (high H) and confident-but-wrong tokens (Q3), within a budget.
+
+    With `N` finite tokens on the process, the budget is `K = round(keep_ratio * N)`. Q3 tokens (low entropy,
+    high divergence) get `round(q3_share * K)` places, filled by descending divergence; high-entropy tokens (Q1 and
+    Q2) get the rest, filled by descending entropy. Places one group cannot fill go to the other. Q4 tokens
+    (confident and right) are never kept, so fewer than `K` tokens are kept when Q1–Q3 hold fewer than `K`.
+    """
+
+    def __init__(self, keep_ratio: float, q3_share: float = 0.5):
+        self.keep_ratio = _check_ratio(keep_ratio)
+        if not 0.0 <= q3_share <= 1.0:
+            raise ValueError(f"q3_share must be in [0, 1], got {q3_share}.")
+        self.q3_share = float(q3_share)
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        q = context.quadrant
+        q3 = (q == 3) & signals.finite
+        uncertain = ((q == 1) | (q == 2)) & signals.finite
+        k = budget(int(signals.finite.sum()), self.keep_ratio)
+        n_q3, n_unc = int(q3.sum()), int(uncertain.sum())
+        k_q3 = min(n_q3, int(round(self.q3_share * k)))
+        k_unc = min(n_unc, k - k_q3)
+        k_q3 = min(n_q3, k - k_unc)
+        return top_k_mask(signals.divergence, k_q3, q3) | top_k_mask(signals.entropy, k_unc, uncertain)
+
+    def __repr__(self) -> str:
+        return f"TypeAware(keep_ratio={self.keep_ratio}, q3_share={self.q3_share})"

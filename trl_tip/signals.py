@@ -1,0 +1,239 @@
+"""Per-token signals of on-policy distillation: entropy, divergence, per-token loss, sampled-token log-probs.
+
+Everything here runs without grad. The functions on logits are pure and work on one chunk of positions; the
+chunked driver [`compute_token_signals`] projects hidden states through each `lm_head` a chunk of positions at a
+time, so no `(tokens × vocab)` float32 tensor is ever built for all positions at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+DIVERGENCES = ("jsd", "reverse_kl", "forward_kl")
+
+__all__ = [
+    "DIVERGENCES",
+    "TokenSignals",
+    "compute_token_signals",
+    "divergence_from_logits",
+    "generalized_jsd",
+    "normalized_entropy",
+    "token_log_probs",
+]
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of `softmax(logits)` over the last dimension, divided by `ln V` so that it lies in `[0, 1]`.
+
+    Args:
+        logits (`torch.Tensor`): Logits of shape `(..., V)`.
+
+    Returns:
+        `torch.Tensor`: Normalised entropy of shape `(...)`, in float32.
+    """
+    logits = logits.float()
+    log_p = F.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    vocab = logits.size(-1)
+    return entropy / math.log(vocab) if vocab > 1 else torch.zeros_like(entropy)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Per-token generalized Jensen-Shannon divergence, exactly as `GKDTrainer.generalized_jsd_loss` computes it.
+
+    With the mixture `M = (1 - beta) * S + beta * T`, the value is `beta * KL(T || M) + (1 - beta) * KL(S || M)`;
+    `beta = 0` gives `KL(T || S)` (forward KL) and `beta = 1` gives `KL(S || T)` (reverse KL).
+
+    Args:
+        student_logits (`torch.Tensor`): Student logits of shape `(..., V)`.
+        teacher_logits (`torch.Tensor`): Teacher logits of shape `(..., V)`.
+        beta (`float`, *optional*, defaults to `0.5`): Interpolation coefficient in `[0, 1]`.
+
+    Returns:
+        `torch.Tensor`: Per-token divergence of shape `(...)`, in the dtype of the inputs.
+    """
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    else:
+        beta_t = torch.tensor(beta, dtype=student_log_probs.dtype, device=student_log_probs.device)
+        mixture_log_probs = torch.logsumexp(
+            torch.stack([student_log_probs + torch.log1p(-beta_t), teacher_log_probs + torch.log(beta_t)]), dim=0
+        )
+        kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+        jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+    return jsd.sum(-1)
+
+
+def divergence_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "jsd",
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Teacher–student divergence per token, the second TIP axis.
+
+    Args:
+        student_logits (`torch.Tensor`): Student logits of shape `(..., V)`.
+        teacher_logits (`torch.Tensor`): Teacher logits of shape `(..., V)`.
+        kind (`str`, *optional*, defaults to `"jsd"`):
+            `"jsd"`: symmetric Jensen-Shannon divergence divided by `ln 2`, in `[0, 1]`;
+            `"reverse_kl"`: `KL(student || teacher)`; `"forward_kl"`: `KL(teacher || student)`.
+        top_k (`int`, *optional*):
+            If set, both distributions are restricted to the teacher's `top_k` most likely tokens and renormalised
+            there before the divergence is taken (cuts the long-tail noise of the vocabulary).
+
+    Returns:
+        `torch.Tensor`: Divergence of shape `(...)`, in float32.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence {kind!r}; allowed values: {', '.join(DIVERGENCES)}.")
+    student_logits = student_logits.float()
+    teacher_logits = teacher_logits.float()
+    if top_k is not None and top_k < teacher_logits.size(-1):
+        top_idx = teacher_logits.topk(top_k, dim=-1).indices
+        teacher_logits = teacher_logits.gather(-1, top_idx)
+        student_logits = student_logits.gather(-1, top_idx)
+    if kind == "jsd":
+        return generalized_jsd(student_logits, teacher_logits, beta=0.5) / math.log(2)
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    if kind == "reverse_kl":
+        return (student_log_probs.exp() * (student_log_probs - teacher_log_probs)).sum(-1)
+    return (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+
+
+def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of `token_ids` under `softmax(logits)`.
+
+    Args:
+        logits (`torch.Tensor`): Logits of shape `(..., V)`.
+        token_ids (`torch.Tensor`): Token ids of shape `(...)`.
+
+    Returns:
+        `torch.Tensor`: Log-probabilities of shape `(...)`, in float32.
+    """
+    logits = logits.float()
+    return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@dataclass
+class TokenSignals:
+    """Per-token signals of the eligible completion positions of one micro-batch, flattened to 1-D.
+
+    Every field has shape `(N,)`, `N` being the number of eligible positions (labels `!= -100` after the causal
+    shift). Positions whose student or teacher logits are not finite have `finite = False`; their other values are
+    set to zero and they are never selected.
+
+    Attributes:
+        entropy: Student entropy divided by `ln V`, in `[0, 1]`.
+        divergence: Teacher–student divergence (`TIPConfig.divergence`).
+        loss: Per-token training loss before selection (generalized JSD with `beta`, as in GKD).
+        student_log_prob: Student log-probability of the token that follows (the sampled token on-policy).
+        teacher_log_prob: Teacher log-probability of the same token.
+        teacher_entropy: Teacher entropy divided by `ln V`.
+        finite: Whether both logit rows were finite.
+        seq_idx: Row of the batch each position belongs to.
+        pos_idx: Position in the row (index into the shifted sequence, i.e. the position whose logits predict it).
+    """
+
+    entropy: torch.Tensor
+    divergence: torch.Tensor
+    loss: torch.Tensor
+    student_log_prob: torch.Tensor
+    teacher_log_prob: torch.Tensor
+    teacher_entropy: torch.Tensor
+    finite: torch.Tensor
+    seq_idx: torch.Tensor
+    pos_idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.entropy.numel()
+
+    def subset(self, index: torch.Tensor) -> TokenSignals:
+        """Returns the signals of the positions selected by `index` (a boolean mask or integer indices)."""
+        return TokenSignals(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def _positions(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+@torch.no_grad()
+def compute_token_signals(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    seq_idx: torch.Tensor,
+    pos_idx: torch.Tensor,
+    beta: float = 0.5,
+    divergence: str = "jsd",
+    divergence_top_k: int | None = None,
+    chunk_size: int = 1024,
+) -> TokenSignals:
+    """Computes the per-token signals from the final hidden states of the eligible positions, chunk by chunk.
+
+    Args:
+        student_hidden (`torch.Tensor`): Student final hidden states of shape `(N, d_student)`.
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states of shape `(N, d_teacher)`.
+        targets (`torch.Tensor`): Next-token ids of shape `(N,)`.
+        student_head (`Callable`): Maps student hidden states to logits (the student's `lm_head`).
+        teacher_head (`Callable`): Maps teacher hidden states to logits.
+        seq_idx (`torch.Tensor`): Batch row of each position, shape `(N,)`.
+        pos_idx (`torch.Tensor`): Position in the row of each position, shape `(N,)`.
+        beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD training loss.
+        divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis, see
+            [`divergence_from_logits`].
+        divergence_top_k (`int`, *optional*): Teacher top-k restriction of the divergence.
+        chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+
+    Returns:
+        [`TokenSignals`]: The signals of the `N` positions.
+    """
+    n = targets.numel()
+    device = targets.device
+    out = {name: torch.zeros(n, device=device) for name in ("entropy", "divergence", "loss", "slp", "tlp", "tent")}
+    finite = torch.zeros(n, dtype=torch.bool, device=device)
+    for sl in _positions(n, chunk_size):
+        s_logits = student_head(student_hidden[sl]).float()
+        t_logits = teacher_head(teacher_hidden[sl]).float()
+        ok = torch.isfinite(s_logits).all(-1) & torch.isfinite(t_logits).all(-1)
+        finite[sl] = ok
+        if not ok.all():
+            # Rows with inf/NaN would poison every reduction: zero them here, they are excluded by `finite`.
+            s_logits = torch.where(ok[:, None], s_logits, torch.zeros_like(s_logits))
+            t_logits = torch.where(ok[:, None], t_logits, torch.zeros_like(t_logits))
+        out["entropy"][sl] = normalized_entropy(s_logits)
+        out["tent"][sl] = normalized_entropy(t_logits)
+        out["divergence"][sl] = divergence_from_logits(s_logits, t_logits, divergence, divergence_top_k)
+        out["loss"][sl] = generalized_jsd(s_logits, t_logits, beta)
+        out["slp"][sl] = token_log_probs(s_logits, targets[sl])
+        out["tlp"][sl] = token_log_probs(t_logits, targets[sl])
+        del s_logits, t_logits
+    zero = ~finite
+    for value in out.values():
+        value[zero] = 0.0
+    return TokenSignals(
+        entropy=out["entropy"],
+        divergence=out["divergence"],
+        loss=out["loss"],
+        student_log_prob=out["slp"],
+        teacher_log_prob=out["tlp"],
+        teacher_entropy=out["tent"],
+        finite=finite,
+        seq_idx=seq_idx,
+        pos_idx=pos_idx,
+    )

@@ -1,0 +1,184 @@
+"""Q1–Q4 token statistics: accumulated every micro-batch, reduced over steps and processes at each logging step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .signals import TokenSignals
+
+
+__all__ = ["METRIC_PREFIX", "TIPStatistics", "metric_names"]
+
+METRIC_PREFIX = "tip"
+_PER_QUADRANT = ("count", "kept", "entropy", "divergence", "loss")
+_GLOBAL = (
+    "eligible",
+    "kept",
+    "kept_weight",
+    "skipped_nonfinite",
+    "entropy_threshold",
+    "divergence_threshold",
+    "micro_steps",
+    "entropy",
+    "divergence",
+    "loss",
+    "teacher_entropy",
+    "teacher_token_prob",
+)
+
+
+def metric_names() -> list[str]:
+    """Every key [`TIPStatistics.compute`] returns, in order."""
+    names = []
+    for q in range(1, 5):
+        names += [f"{METRIC_PREFIX}/q{q}/{key}" for key in ("frac", "kept_frac", "entropy", "divergence", "loss_share")]
+    names += [
+        f"{METRIC_PREFIX}/{key}"
+        for key in (
+            "kept_frac",
+            "entropy_threshold",
+            "divergence_threshold",
+            "tokens_eligible",
+            "tokens_kept",
+            "skipped_nonfinite",
+            "entropy",
+            "divergence",
+            "teacher_entropy",
+            "teacher_token_prob",
+        )
+    ]
+    return names
+
+
+class TIPStatistics:
+    """Sums of the per-token signals by quadrant, since the last logging step, on this process.
+
+    The sums are kept in one float64 tensor on the training device, so an update costs no host synchronisation; the
+    reduction over processes happens once per logging step, in [`compute`].
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets everything accumulated."""
+        self.per_quadrant = torch.zeros(4, len(_PER_QUADRANT), dtype=torch.float64, device=self.device)
+        self.totals = torch.zeros(len(_GLOBAL), dtype=torch.float64, device=self.device)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no micro-batch was recorded since the last reset."""
+        return bool(self.totals[_GLOBAL.index("micro_steps")] == 0)
+
+    @torch.no_grad()
+    def update(
+        self,
+        signals: TokenSignals,
+        quadrant: torch.Tensor,
+        weights: torch.Tensor,
+        entropy_threshold: float,
+        divergence_threshold: float,
+        num_eligible: int | None = None,
+    ) -> None:
+        """Adds one micro-batch.
+
+        Args:
+            signals ([`TokenSignals`]): Signals of the eligible positions.
+            quadrant (`torch.Tensor`): Quadrant id (1–4) of each position.
+            weights (`torch.Tensor`): Selection weight of each position (0 = dropped).
+            entropy_threshold (`float`): The micro-batch's entropy split.
+            divergence_threshold (`float`): The micro-batch's divergence split.
+            num_eligible (`int`, *optional*): Eligible positions, non-finite ones included (defaults to
+                `len(signals)`).
+        """
+        finite = signals.finite
+        q = quadrant[finite].long().to(self.device) - 1
+        kept = (weights[finite] > 0).double().to(self.device)
+        values = torch.stack(
+            [
+                torch.ones_like(kept),
+                kept,
+                signals.entropy[finite].double().to(self.device),
+                signals.divergence[finite].double().to(self.device),
+                signals.loss[finite].double().to(self.device),
+            ],
+            dim=1,
+        )
+        self.per_quadrant.index_add_(0, q, values)
+        n_finite = int(finite.sum())
+        n_all = len(signals) if num_eligible is None else num_eligible
+        t = self.totals
+        t[_GLOBAL.index("eligible")] += n_finite
+        t[_GLOBAL.index("kept")] += kept.sum()
+        t[_GLOBAL.index("kept_weight")] += weights[finite].double().sum().to(self.device)
+        t[_GLOBAL.index("skipped_nonfinite")] += n_all - n_finite
+        t[_GLOBAL.index("entropy_threshold")] += float(entropy_threshold)
+        t[_GLOBAL.index("divergence_threshold")] += float(divergence_threshold)
+        t[_GLOBAL.index("micro_steps")] += 1
+        t[_GLOBAL.index("entropy")] += values[:, 2].sum()
+        t[_GLOBAL.index("divergence")] += values[:, 3].sum()
+        t[_GLOBAL.index("loss")] += values[:, 4].sum()
+        t[_GLOBAL.index("teacher_entropy")] += signals.teacher_entropy[finite].double().sum().to(self.device)
+        t[_GLOBAL.index("teacher_token_prob")] += signals.teacher_log_prob[finite].double().exp().sum().to(self.device)
+
+    def compute(
+        self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, num_steps: int = 1
+    ) -> dict[str, float]:
+        """Turns the sums into metrics, after summing them over processes with `reduce_sum`.
+
+        Token-level means (fractions, entropies, divergences, loss shares) weight every token of every step and
+        process equally; thresholds are averaged over micro-batches; token counts are per optimizer step, summed over
+        processes, averaged over the `num_steps` steps since the last log. A quadrant with no token reports 0.
+
+        Args:
+            reduce_sum (`Callable`, *optional*): Sums a tensor over processes (identity if `None`). Every process
+                must call `compute` at the same time when it is a collective.
+            num_steps (`int`, *optional*, defaults to `1`): Optimizer steps covered by the sums.
+
+        Returns:
+            `dict[str, float]`: The `tip/...` metrics (see [`metric_names`]).
+        """
+        packed = torch.cat([self.per_quadrant.flatten(), self.totals])
+        if reduce_sum is not None:
+            packed = reduce_sum(packed)
+        packed = packed.double().cpu()
+        per_q = packed[: self.per_quadrant.numel()].view(4, len(_PER_QUADRANT))
+        tot = dict(zip(_GLOBAL, packed[self.per_quadrant.numel() :].tolist(), strict=True))
+
+        def ratio(a: float, b: float) -> float:
+            return float(a / b) if b > 0 else 0.0
+
+        eligible, loss_total = tot["eligible"], tot["loss"]
+        metrics: dict[str, float] = {}
+        for q in range(4):
+            count, kept, ent, div, loss = per_q[q].tolist()
+            prefix = f"{METRIC_PREFIX}/q{q + 1}"
+            metrics[f"{prefix}/frac"] = ratio(count, eligible)
+            metrics[f"{prefix}/kept_frac"] = ratio(kept, count)
+            metrics[f"{prefix}/entropy"] = ratio(ent, count)
+            metrics[f"{prefix}/divergence"] = ratio(div, count)
+            metrics[f"{prefix}/loss_share"] = ratio(loss, loss_total)
+        steps = max(num_steps, 1)
+        metrics[f"{METRIC_PREFIX}/kept_frac"] = ratio(tot["kept"], eligible)
+        metrics[f"{METRIC_PREFIX}/entropy_threshold"] = ratio(tot["entropy_threshold"], tot["micro_steps"])
+        metrics[f"{METRIC_PREFIX}/divergence_threshold"] = ratio(tot["divergence_threshold"], tot["micro_steps"])
+        metrics[f"{METRIC_PREFIX}/tokens_eligible"] = eligible / steps
+        metrics[f"{METRIC_PREFIX}/tokens_kept"] = tot["kept"] / steps
+        metrics[f"{METRIC_PREFIX}/skipped_nonfinite"] = tot["skipped_nonfinite"] / steps
+        metrics[f"{METRIC_PREFIX}/entropy"] = ratio(tot["entropy"], eligible)
+        metrics[f"{METRIC_PREFIX}/divergence"] = ratio(tot["divergence"], eligible)
+        metrics[f"{METRIC_PREFIX}/teacher_entropy"] = ratio(tot["teacher_entropy"], eligible)
+        metrics[f"{METRIC_PREFIX}/teacher_token_prob"] = ratio(tot["teacher_token_prob"], eligible)
+        return metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated sums (saved in checkpoints so that a resumed run logs the same values)."""
+        return {"per_quadrant": self.per_quadrant.cpu(), "totals": self.totals.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores sums saved by [`state_dict`]."""
+        self.per_quadrant = state["per_quadrant"].to(self.device, torch.float64)
+        self.totals = state["totals"].to(self.device, torch.float64)
