@@ -163,7 +163,9 @@ def kept_token_jsd(
         return total + hidden.sum() * 0.0
     for sl in _chunks(hidden.size(0), chunk_size):
         if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, hidden[sl], teacher_hidden[sl], token_weights[sl], use_reentrant=False)
+            total = total + checkpoint(
+                chunk_loss, hidden[sl], teacher_hidden[sl], token_weights[sl], use_reentrant=False
+            )
         else:
             total = total + chunk_loss(hidden[sl], teacher_hidden[sl], token_weights[sl])
     return total

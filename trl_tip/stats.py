@@ -33,7 +33,9 @@ def metric_names() -> list[str]:
     """Every key [`TIPStatistics.compute`] returns, in order."""
     names = []
     for q in range(1, 5):
-        names += [f"{METRIC_PREFIX}/q{q}/{key}" for key in ("frac", "kept_frac", "entropy", "divergence", "loss_share")]
+        names += [
+            f"{METRIC_PREFIX}/q{q}/{key}" for key in ("frac", "kept_frac", "entropy", "divergence", "loss_share")
+        ]
     names += [
         f"{METRIC_PREFIX}/{key}"
         for key in (

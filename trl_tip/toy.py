@@ -103,7 +103,10 @@ def pretrain(
     """
     torch.manual_seed(seed)
     texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in dataset]
-    prompts = [tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True) for row in dataset]
+    prompts = [
+        tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+        for row in dataset
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     rng = random.Random(seed)

@@ -136,9 +136,10 @@ class TIPTrainer(GKDTrainer):
         """GKD's generation step: student rollouts with probability `lmbda`, else teacher rollouts if `seq_kd`."""
         inputs = self._prepare_inputs(inputs)
         if random.random() <= self.lmbda:
-            generator_model, kwargs = self.model_wrapped, {
-                "gradient_checkpointing_kwargs": self.args.gradient_checkpointing_kwargs
-            }
+            generator_model, kwargs = (
+                self.model_wrapped,
+                {"gradient_checkpointing_kwargs": self.args.gradient_checkpointing_kwargs},
+            )
         elif self.seq_kd:
             generator_model, kwargs = self.teacher_model, {}
         else:
@@ -384,7 +385,9 @@ class TIPTrainer(GKDTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        output_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         torch.save(self._tip_state(), path)

@@ -45,7 +45,9 @@ class RandomTokens:
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         weights = signals.finite.float()
-        return sample_without_replacement(weights, budget(int(signals.finite.sum()), self.keep_ratio), context.generator)
+        return sample_without_replacement(
+            weights, budget(int(signals.finite.sum()), self.keep_ratio), context.generator
+        )
 
     def __repr__(self) -> str:
         return f"RandomTokens(keep_ratio={self.keep_ratio})"
