@@ -16,7 +16,6 @@ _PER_QUADRANT = ("count", "kept", "entropy", "divergence", "loss")
 _GLOBAL = (
     "eligible",
     "kept",
-    "kept_weight",
     "skipped_nonfinite",
     "entropy_threshold",
     "divergence_threshold",
@@ -115,7 +114,6 @@ class TIPStatistics:
         t = self.totals
         t[_GLOBAL.index("eligible")] += n_finite
         t[_GLOBAL.index("kept")] += kept.sum()
-        t[_GLOBAL.index("kept_weight")] += weights[finite].double().sum().to(self.device)
         t[_GLOBAL.index("skipped_nonfinite")] += n_all - n_finite
         t[_GLOBAL.index("entropy_threshold")] += float(entropy_threshold)
         t[_GLOBAL.index("divergence_threshold")] += float(divergence_threshold)

@@ -129,6 +129,8 @@ class TIPTrainer(GKDTrainer):
         self._tip_last_logged_step = 0
         self._tip_micro_step = (-1, 0)
         self._supports_logits_to_keep: dict[int, bool] = {}
+        self._tip_pending_rng_checkpoint: str | None = None
+        self._tip_rng_restored_early = False
 
     # ------------------------------------------------------------------ generation & token counts
 
@@ -166,6 +168,12 @@ class TIPTrainer(GKDTrainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self._tip_pending_rng_checkpoint is not None:
+            # Resuming mid-epoch, `Trainer` restores the RNG state after this method returns, but generation happens
+            # here: restore it now, after fetching the data as `Trainer` does, and skip `Trainer`'s later restore.
+            super()._load_rng_state(self._tip_pending_rng_checkpoint)
+            self._tip_pending_rng_checkpoint = None
+            self._tip_rng_restored_early = True
         batch_samples = [self._generate_on_policy(batch) for batch in batch_samples]
         count = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         for batch in batch_samples:
@@ -392,8 +400,16 @@ class TIPTrainer(GKDTrainer):
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         torch.save(self._tip_state(), path)
 
+    def _load_rng_state(self, checkpoint):
+        if self._tip_rng_restored_early:
+            self._tip_rng_restored_early = False
+            return
+        self._tip_pending_rng_checkpoint = None
+        super()._load_rng_state(checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._tip_pending_rng_checkpoint = resume_from_checkpoint
         path = os.path.join(resume_from_checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         if not os.path.isfile(path):
             logger.warning(

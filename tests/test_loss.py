@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from trl_tip.loss import OutputHead, kept_token_jsd
+from trl_tip.signals import generalized_jsd
+
+
+def reference(hidden, teacher_hidden, head, teacher_head, weights, beta):
+    logits = head(hidden).float()
+    with torch.no_grad():
+        t_logits = teacher_head(teacher_hidden).float()
+    return (generalized_jsd(logits, t_logits, beta) * weights).sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_linear_matches_autograd(beta, bias, softcap):
+    torch.manual_seed(0)
+    k, d, v = 13, 6, 11
+    lin = nn.Linear(d, v, bias=bias)
+    t_lin = nn.Linear(8, v, bias=False)
+    head = OutputHead(lin, softcap)
+    assert head.is_plain_linear
+    weights = torch.rand(k)
+    h1 = torch.randn(k, d, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    th = torch.randn(k, 8)
+    ours = kept_token_jsd(h1, th, head, t_lin, weights, beta=beta, chunk_size=4)
+    ours.backward()
+    grads_ours = [h1.grad] + [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    ref = reference(h2, th, head, t_lin, weights, beta)
+    ref.backward()
+    grads_ref = [h2.grad] + [p.grad.clone() for p in lin.parameters()]
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_ours, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert t_lin.weight.grad is None
+
+
+def test_generic_head_path_matches_autograd():
+    torch.manual_seed(1)
+    k, d, v = 9, 5, 7
+    module = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, v))
+    head = OutputHead(module)
+    assert not head.is_plain_linear
+    t_lin = nn.Linear(d, v)
+    weights = torch.ones(k)
+    h1 = torch.randn(k, d, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    th = torch.randn(k, d)
+    ours = kept_token_jsd(h1, th, head, t_lin, weights, chunk_size=2)
+    ours.backward()
+    g_ours = [h1.grad] + [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    ref = reference(h2, th, head, t_lin, weights, 0.5)
+    ref.backward()
+    g_ref = [h2.grad] + [p.grad.clone() for p in module.parameters()]
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_head_gets_no_grad_and_empty_input_is_zero():
+    lin = nn.Linear(4, 5, bias=False)
+    lin.weight.requires_grad_(False)
+    head = OutputHead(lin)
+    h = torch.randn(3, 4, requires_grad=True)
+    loss = kept_token_jsd(h, torch.randn(3, 4), head, nn.Linear(4, 5), torch.ones(3))
+    loss.backward()
+    assert lin.weight.grad is None and h.grad is not None
+    empty = torch.zeros(0, 4, requires_grad=True)
+    zero = kept_token_jsd(empty, torch.zeros(0, 4), head, nn.Linear(4, 5), torch.ones(0))
+    assert zero.item() == 0.0
+    zero.backward()
+    assert empty.grad.shape == (0, 4)
+
+
+def test_no_grad_mode_returns_value():
+    lin = nn.Linear(4, 5)
+    h = torch.randn(3, 4)
+    th = torch.randn(3, 4)
+    t_lin = nn.Linear(4, 5)
+    with torch.no_grad():
+        value = kept_token_jsd(h, th, OutputHead(lin), t_lin, torch.ones(3))
+    torch.testing.assert_close(value, reference(h, th, OutputHead(lin), t_lin, torch.ones(3), 0.5).detach())

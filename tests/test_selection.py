@@ -1,0 +1,182 @@
+import pytest
+import torch
+
+from trl_tip.selection import (
+    AllTokens,
+    EntropyDivergenceSample,
+    EntropySample,
+    EntropyTopK,
+    QuadrantSubset,
+    RandomTokens,
+    SelectionContext,
+    TypeAware,
+    assign_quadrants,
+    budget,
+    sample_without_replacement,
+    validate_selection,
+)
+from trl_tip.signals import TokenSignals
+
+
+def make_signals(entropy, divergence, finite=None):
+    entropy = torch.tensor(entropy, dtype=torch.float32)
+    divergence = torch.tensor(divergence, dtype=torch.float32)
+    n = entropy.numel()
+    zeros = torch.zeros(n)
+    return TokenSignals(
+        entropy=entropy,
+        divergence=divergence,
+        loss=divergence.clone(),
+        student_log_prob=zeros,
+        teacher_log_prob=zeros,
+        teacher_entropy=zeros,
+        finite=torch.ones(n, dtype=torch.bool) if finite is None else torch.tensor(finite),
+        seq_idx=torch.zeros(n, dtype=torch.long),
+        pos_idx=torch.arange(n),
+    )
+
+
+def make_context(signals, h_thr=0.5, d_thr=0.5, seed=0):
+    quadrant = assign_quadrants(signals.entropy, signals.divergence, h_thr, d_thr)
+    return SelectionContext(h_thr, d_thr, quadrant, torch.Generator().manual_seed(seed))
+
+
+# Tokens by design:           Q1     Q2     Q3     Q4     Q3     Q1     Q4     Q2
+ENTROPY = [0.9, 0.8, 0.1, 0.2, 0.3, 0.7, 0.0, 0.6]
+DIVERGENCE = [0.9, 0.1, 0.8, 0.2, 0.6, 0.55, 0.0, 0.3]
+
+
+def test_assign_quadrants_hand_labels():
+    s = make_signals(ENTROPY, DIVERGENCE)
+    assert assign_quadrants(s.entropy, s.divergence, 0.5, 0.5).tolist() == [1, 2, 3, 4, 3, 1, 4, 2]
+    # "High" includes the threshold itself.
+    assert assign_quadrants(torch.tensor([0.5]), torch.tensor([0.5]), 0.5, 0.5).tolist() == [1]
+
+
+def test_budget_rounds_half_up():
+    assert [budget(n, 0.5) for n in (0, 1, 2, 3, 7)] == [0, 1, 1, 2, 4]
+    assert budget(10, 0.04) == 0 and budget(10, 1.0) == 10
+
+
+def test_all_keeps_everything():
+    s = make_signals(ENTROPY, DIVERGENCE)
+    assert AllTokens()(s, make_context(s)).all()
+
+
+def test_q3_only_keeps_exactly_low_entropy_high_divergence():
+    s = make_signals(ENTROPY, DIVERGENCE)
+    mask = QuadrantSubset(["Q3"])(s, make_context(s))
+    assert mask.nonzero().flatten().tolist() == [2, 4]
+    mask13 = QuadrantSubset(["q1", "Q3"])(s, make_context(s))
+    assert mask13.nonzero().flatten().tolist() == [0, 2, 4, 5]
+
+
+def test_quadrant_names_validated():
+    with pytest.raises(ValueError, match="Q1, Q2, Q3, Q4"):
+        QuadrantSubset(["Q5"])
+    with pytest.raises(ValueError, match="at least one"):
+        QuadrantSubset([])
+
+
+def test_entropy_topk_keeps_top_share_by_quantile():
+    s = make_signals(ENTROPY, DIVERGENCE)
+    mask = EntropyTopK(0.25)(s, make_context(s))
+    # Top 25% of 8 entropies: 0.9 and 0.8.
+    assert mask.nonzero().flatten().tolist() == [0, 1]
+    assert EntropyTopK(1.0)(s, make_context(s)).all()
+
+
+def test_entropy_topk_uses_gathered_values_for_threshold():
+    s = make_signals([0.1, 0.2], [0.0, 0.0])
+    ctx = make_context(s)
+    # Another "process" holds much larger entropies: none of ours is in the global top half.
+    ctx.gather = lambda values: torch.cat([values, torch.tensor([0.8, 0.9])])
+    assert not EntropyTopK(0.5)(s, ctx).any()
+
+
+def test_random_budget_and_determinism():
+    s = make_signals([0.5] * 20, [0.5] * 20)
+    a = RandomTokens(0.3)(s, make_context(s, seed=1))
+    b = RandomTokens(0.3)(s, make_context(s, seed=1))
+    c = RandomTokens(0.3)(s, make_context(s, seed=2))
+    assert int(a.sum()) == 6 and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampling_weights_and_zero_weight_last():
+    torch.manual_seed(0)
+    weights = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
+    for seed in range(20):
+        mask = sample_without_replacement(weights, 3, torch.Generator().manual_seed(seed))
+        assert mask.nonzero().flatten().tolist() == [1, 3, 4]
+    counts = torch.zeros(5)
+    for seed in range(400):
+        counts += sample_without_replacement(weights, 4, torch.Generator().manual_seed(seed)).float()
+    assert counts[1] == counts[3] == counts[4] == 400
+    assert 150 < counts[0] < 250 and counts[0] + counts[2] == 400
+
+
+def test_entropy_sample_prefers_high_entropy():
+    entropy = [0.01] * 10 + [0.99] * 10
+    s = make_signals(entropy, [0.5] * 20)
+    hits = torch.zeros(20)
+    for seed in range(100):
+        mask = EntropySample(0.5)(s, make_context(s, seed=seed))
+        assert int(mask.sum()) == 10
+        hits += mask.float()
+    assert hits[10:].sum() > 5 * hits[:10].sum()
+    # alpha = 0 is uniform sampling: both halves are hit about equally.
+    uniform = torch.zeros(20)
+    for seed in range(100):
+        uniform += EntropySample(0.5, alpha=0.0)(s, make_context(s, seed=seed)).float()
+    assert 0.7 < uniform[10:].sum() / uniform[:10].sum() < 1.4
+
+
+def test_entropy_divergence_sample_weights():
+    s = make_signals([0.5, 0.5, 0.0], [0.2, 0.0, 0.9])
+    rule = EntropyDivergenceSample(0.5, alpha=2.0, gamma=1.0)
+    torch.testing.assert_close(rule.weights(s), torch.tensor([0.05, 0.0, 0.0]))
+    # Budget 2 of 3: token 0 is the only one with positive weight, so it is always drawn first.
+    for seed in range(10):
+        mask = rule(s, make_context(s, seed=seed))
+        assert int(mask.sum()) == 2 and bool(mask[0])
+
+
+def test_type_aware_rule_definition():
+    s = make_signals(ENTROPY, DIVERGENCE)
+    ctx = make_context(s)
+    # N = 8, keep_ratio 0.5 -> K = 4; Q3 gets round(0.5 * 4) = 2 (tokens 2 and 4, by divergence), the uncertain
+    # tokens (Q1/Q2: 0, 1, 5, 7) fill the other 2 by entropy: 0 (0.9) and 1 (0.8).
+    assert TypeAware(0.5)(s, ctx).nonzero().flatten().tolist() == [0, 1, 2, 4]
+    # Q3 share 1.0: only 2 Q3 tokens exist, the 2 left places go to the uncertain ones.
+    assert TypeAware(0.5, q3_share=1.0)(s, ctx).nonzero().flatten().tolist() == [0, 1, 2, 4]
+    # Budget 2, Q3 share 0.5: one Q3 token (highest divergence: 2) and one uncertain (highest entropy: 0).
+    assert TypeAware(0.25)(s, ctx).nonzero().flatten().tolist() == [0, 2]
+    # Q4 is never kept even with the whole budget.
+    full = TypeAware(1.0)(s, ctx)
+    assert full.nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 7]
+
+
+def test_nonfinite_positions_never_selected():
+    finite = [True, False, True, True]
+    s = make_signals([0.9, 0.95, 0.1, 0.2], [0.9, 0.95, 0.8, 0.1], finite=finite)
+    ctx = make_context(s)
+    for rule in (RandomTokens(1.0), EntropyTopK(0.5), EntropySample(1.0), TypeAware(1.0)):
+        assert not bool(rule(s, ctx)[1]), rule
+
+
+def test_validate_selection_errors():
+    with pytest.raises(ValueError, match=r"shape \(3,\).*expected \(4,\)"):
+        validate_selection(torch.ones(3, dtype=torch.bool), 4)
+    with pytest.raises(TypeError, match="torch.bool"):
+        validate_selection(torch.ones(4, dtype=torch.long), 4)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        validate_selection([True] * 4, 4)
+    with pytest.raises(ValueError, match="negative or not finite"):
+        validate_selection(torch.tensor([1.0, -1.0, 0.0, 0.0]), 4)
+    assert validate_selection(torch.tensor([True, False]), 2).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_keep_ratio_validated(bad):
+    with pytest.raises(ValueError, match="keep_ratio"):
+        RandomTokens(bad)
