@@ -39,6 +39,7 @@ def run_demo(
     keep_ratio: float | None = 0.5,
     max_steps: int = 20,
     teacher_steps: int = 300,
+    student_steps: int = 40,
     seed: int = 0,
 ) -> TIPTrainer:
     """Runs the demo and returns the trainer (its `state.log_history` holds the metrics).
@@ -49,12 +50,15 @@ def run_demo(
         keep_ratio (`float`, *optional*): Kept share for budgeted rules (ignored for `all` and `quadrants`).
         max_steps (`int`): Distillation steps.
         teacher_steps (`int`): Steps of plain training that make the teacher competent.
+        student_steps (`int`): Steps of plain training of the student first (competent but clearly worse).
         seed (`int`): Seed of everything.
     """
     tokenizer = make_tokenizer()
     train = arithmetic_dataset(512, seed=seed)
     teacher = pretrain(make_model(tokenizer, 128, 4, seed=seed + 1), tokenizer, train, steps=teacher_steps, seed=seed)
     student = make_model(tokenizer, 64, 2, seed=seed + 2)
+    if student_steps > 0:
+        student = pretrain(student, tokenizer, train, steps=student_steps, seed=seed + 1)
     extra = {"quadrants": ["Q3"]} if token_selection == "quadrants" else {}
     if token_selection in ("all", "quadrants"):
         keep_ratio = None
@@ -93,10 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep_ratio", type=float, default=0.5)
     parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--teacher_steps", type=int, default=300)
+    parser.add_argument("--student_steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    trainer = run_demo(ns.output_dir, ns.token_selection, ns.keep_ratio, ns.max_steps, ns.teacher_steps, ns.seed)
+    trainer = run_demo(
+        ns.output_dir, ns.token_selection, ns.keep_ratio, ns.max_steps, ns.teacher_steps, ns.student_steps, ns.seed
+    )
     step_logs = [log for log in trainer.state.log_history if f"{METRIC_PREFIX}/kept_frac" in log]
     print(f"\ntrl-tip demo: token_selection={ns.token_selection}, {len(step_logs)} logging steps")
     print(f"loss: first {step_logs[0]['loss']:.4f} -> last {step_logs[-1]['loss']:.4f}")
