@@ -17,10 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .fused import chunk_signals, jsd_and_grad
 from .signals import generalized_jsd
 
 
-__all__ = ["OutputHead", "kept_token_jsd"]
+__all__ = ["OutputHead", "kept_token_jsd", "token_jsd_with_signals"]
 
 
 class OutputHead:
@@ -71,40 +72,67 @@ def _chunks(n: int, chunk_size: int):
         yield slice(start, min(start + chunk_size, n))
 
 
+SIGNAL_NAMES = ("entropy", "teacher_entropy", "divergence", "loss", "student_log_prob", "teacher_log_prob")
+
+
 class _FusedLinearGeneralizedJSD(torch.autograd.Function):
-    """Sum over positions of `weights * generalized_jsd(cap(hidden @ W.T + b), teacher_logits)`."""
+    """Sum over positions of `weights * generalized_jsd(cap(hidden @ W.T + b), teacher_logits)`.
+
+    With `signals` (a dict with the positions' `targets` and the `divergence` kind), every per-token signal is read
+    off the same chunk's log-probabilities and written into `signals` (float32 tensors named as `SIGNAL_NAMES`, plus
+    a boolean `finite`); rows whose logits are not finite get weight 0 and zero signals.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, token_weights, head, teacher_head, beta, chunk_size):
+    def forward(
+        ctx, hidden, weight, bias, teacher_hidden, token_weights, head, teacher_head, beta, chunk_size, signals
+    ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         any_grad = need_h or need_w or need_b
+        n = hidden.size(0)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for sl in _chunks(hidden.size(0), chunk_size):
+        if signals is not None:
+            for name in SIGNAL_NAMES:
+                signals[name] = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+            signals["finite"] = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+        for sl in _chunks(n, chunk_size):
             h = hidden[sl]
+            w = token_weights[sl]
             with torch.no_grad():
-                teacher_logits = teacher_head(teacher_hidden[sl]).float()
-                raw = F.linear(h, weight, bias).float()
-            with torch.enable_grad():
-                raw.requires_grad_(any_grad)
-                per_token = generalized_jsd(head.cap(raw), teacher_logits, beta)
-                chunk_loss = (per_token * token_weights[sl]).sum()
-                grad_raw = torch.autograd.grad(chunk_loss, raw)[0] if any_grad else None
-            total += chunk_loss.detach()
-            del teacher_logits, per_token
-            if grad_raw is None:
-                continue
-            grad_raw = grad_raw.to(weight.dtype)
-            if need_h:
-                grad_h[sl] = grad_raw @ weight
-            if need_w:
-                grad_w += (grad_raw.t() @ h.to(weight.dtype)).float()
-            if need_b:
-                grad_b += grad_raw.float().sum(0)
-            del grad_raw, raw
+                teacher_logits = teacher_head(teacher_hidden[sl])
+                raw = F.linear(h, weight, bias)
+                student_logits = head.cap(raw.float()) if head.softcap else raw
+                if signals is None:
+                    per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta)
+                else:
+                    *values, ok, grad_logits = chunk_signals(
+                        student_logits, teacher_logits, signals["targets"][sl], beta, signals["divergence_kind"], True
+                    )
+                    signals["finite"][sl] = ok
+                    for name, value in zip(SIGNAL_NAMES, values):
+                        signals[name][sl] = value
+                    per_token = values[SIGNAL_NAMES.index("loss")]
+                total += (per_token * w).sum()
+                del teacher_logits, per_token
+                if not any_grad:
+                    continue
+                grad_logits = grad_logits * w.unsqueeze(-1)
+                if head.softcap:
+                    # d cap(x) / dx = 1 - tanh(x / c)^2 = 1 - (cap(x) / c)^2
+                    grad_logits = grad_logits * (1.0 - (student_logits / head.softcap).square())
+                grad_raw = grad_logits.to(weight.dtype)
+                del grad_logits, student_logits, raw
+                if need_h:
+                    grad_h[sl] = grad_raw @ weight
+                if need_w:
+                    grad_w += (grad_raw.t() @ h.to(weight.dtype)).float()
+                if need_b:
+                    grad_b += grad_raw.float().sum(0)
+                del grad_raw
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -119,7 +147,7 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
             grad_w = (grad_w * grad_output).to(ctx.dtypes[0])
         if grad_b is not None:
             grad_b = (grad_b * grad_output).to(ctx.dtypes[1])
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def kept_token_jsd(
@@ -150,7 +178,16 @@ def kept_token_jsd(
     if head.is_plain_linear:
         module = head.module
         return _FusedLinearGeneralizedJSD.apply(
-            hidden, module.weight, module.bias, teacher_hidden, token_weights, head, teacher_head, beta, chunk_size
+            hidden,
+            module.weight,
+            module.bias,
+            teacher_hidden,
+            token_weights,
+            head,
+            teacher_head,
+            beta,
+            chunk_size,
+            None,
         )
 
     def chunk_loss(h: torch.Tensor, t_hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -169,3 +206,45 @@ def kept_token_jsd(
         else:
             total = total + chunk_loss(hidden[sl], teacher_hidden[sl], token_weights[sl])
     return total
+
+
+def token_jsd_with_signals(
+    hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    head: OutputHead,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    beta: float = 0.5,
+    divergence: str = "jsd",
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The loss of every position and the per-token signals, in one pass over the logits (the `all` rule).
+
+    Equal to `compute_token_signals` followed by `kept_token_jsd` with weight 1 on every finite position, but each
+    chunk's logits and log-softmaxes are computed once instead of twice.
+
+    Args:
+        hidden (`torch.Tensor`): Student final hidden states of the positions, shape `(N, d)`, with grad.
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states, shape `(N, d_t)`.
+        head ([`OutputHead`]): The student's output head.
+        teacher_head (`Callable`): Maps teacher hidden states to logits.
+        targets (`torch.Tensor`): Next-token ids of shape `(N,)`.
+        beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient.
+        divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis (no top-k restriction).
+        chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+
+    Returns:
+        `tuple` or `None`: The differentiable loss sum over the finite positions and a dict with `entropy`,
+        `teacher_entropy`, `divergence`, `loss`, `student_log_prob`, `teacher_log_prob` and `finite`, each of shape
+        `(N,)`; `None` when the head is not a plain linear layer (then use the two-pass path).
+    """
+    if not head.is_plain_linear:
+        return None
+    module = head.module
+    signals: dict = {"targets": targets, "divergence_kind": divergence}
+    weights = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device)
+    loss = _FusedLinearGeneralizedJSD.apply(
+        hidden, module.weight, module.bias, teacher_hidden, weights, head, teacher_head, beta, chunk_size, signals
+    )
+    del signals["targets"], signals["divergence_kind"]
+    return loss, signals

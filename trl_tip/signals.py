@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from .fused import chunk_signals
+
 
 DIVERGENCES = ("jsd", "reverse_kl", "forward_kl")
 
@@ -208,20 +210,18 @@ def compute_token_signals(
     out = {name: torch.zeros(n, device=device) for name in ("entropy", "divergence", "loss", "slp", "tlp", "tent")}
     finite = torch.zeros(n, dtype=torch.bool, device=device)
     for sl in _positions(n, chunk_size):
-        s_logits = student_head(student_hidden[sl]).float()
-        t_logits = teacher_head(teacher_hidden[sl]).float()
-        ok = torch.isfinite(s_logits).all(-1) & torch.isfinite(t_logits).all(-1)
+        # The matmuls run in the heads' dtype; `chunk_signals` upcasts to float32 inside its fused kernels and
+        # flags the rows with an inf or NaN logit (their signals are zero and they are never selected).
+        s_logits = student_head(student_hidden[sl])
+        t_logits = teacher_head(teacher_hidden[sl])
+        entropy, tent, div, loss, slp, tlp, ok, _ = chunk_signals(s_logits, t_logits, targets[sl], beta, divergence)
         finite[sl] = ok
-        if not ok.all():
-            # Rows with inf/NaN would poison every reduction: zero them here, they are excluded by `finite`.
-            s_logits = torch.where(ok[:, None], s_logits, torch.zeros_like(s_logits))
-            t_logits = torch.where(ok[:, None], t_logits, torch.zeros_like(t_logits))
-        out["entropy"][sl] = normalized_entropy(s_logits)
-        out["tent"][sl] = normalized_entropy(t_logits)
-        out["divergence"][sl] = divergence_from_logits(s_logits, t_logits, divergence, divergence_top_k)
-        out["loss"][sl] = generalized_jsd(s_logits, t_logits, beta)
-        out["slp"][sl] = token_log_probs(s_logits, targets[sl])
-        out["tlp"][sl] = token_log_probs(t_logits, targets[sl])
+        if divergence_top_k is not None:
+            div = divergence_from_logits(s_logits, t_logits, divergence, divergence_top_k)
+        for name, value in zip(
+            ("entropy", "tent", "divergence", "loss", "slp", "tlp"), (entropy, tent, div, loss, slp, tlp)
+        ):
+            out[name][sl] = value
         del s_logits, t_logits
     zero = ~finite
     for value in out.values():

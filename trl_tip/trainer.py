@@ -16,8 +16,8 @@ from trl.models.utils import unwrap_model_for_generation
 
 from ._compat import GKDTrainer
 from .config import TIPConfig
-from .loss import OutputHead, kept_token_jsd
-from .selection import SelectionContext, TokenSelector, assign_quadrants, build_selector, validate_selection
+from .loss import OutputHead, kept_token_jsd, token_jsd_with_signals
+from .selection import AllTokens, SelectionContext, TokenSelector, assign_quadrants, build_selector, validate_selection
 from .signals import TokenSignals, compute_token_signals
 from .stats import TIPStatistics
 
@@ -302,31 +302,48 @@ class TIPTrainer(GKDTrainer):
 
         student_head = OutputHead.from_model(_causal_lm(model))
         teacher_head = OutputHead.from_model(_causal_lm(self.teacher_model))
-        signals = compute_token_signals(
-            hidden.detach(),
-            teacher_hidden,
-            targets,
-            student_head,
-            teacher_head,
-            seq_idx,
-            pos_idx,
-            beta=self.beta,
-            divergence=args.divergence,
-            divergence_top_k=args.divergence_top_k,
-            chunk_size=args.tip_chunk_size,
-        )
-        weights, quadrant, thresholds = self.select_tokens(signals)
-
-        kept = (weights > 0).nonzero(as_tuple=True)[0]
-        loss_sum = kept_token_jsd(
-            hidden[kept],
-            teacher_hidden[kept],
-            student_head,
-            teacher_head,
-            weights[kept],
-            beta=self.beta,
-            chunk_size=args.tip_chunk_size,
-        )
+        fused = None
+        if isinstance(self.selector, AllTokens) and args.divergence_top_k is None:
+            # Every token is kept: read the signals off the loss pass instead of a separate pass over the logits.
+            fused = token_jsd_with_signals(
+                hidden,
+                teacher_hidden,
+                student_head,
+                teacher_head,
+                targets,
+                beta=self.beta,
+                divergence=args.divergence,
+                chunk_size=args.tip_chunk_size,
+            )
+        if fused is not None:
+            loss_sum, values = fused
+            signals = TokenSignals(**values, seq_idx=seq_idx, pos_idx=pos_idx)
+            weights, quadrant, thresholds = self.select_tokens(signals)
+        else:
+            signals = compute_token_signals(
+                hidden.detach(),
+                teacher_hidden,
+                targets,
+                student_head,
+                teacher_head,
+                seq_idx,
+                pos_idx,
+                beta=self.beta,
+                divergence=args.divergence,
+                divergence_top_k=args.divergence_top_k,
+                chunk_size=args.tip_chunk_size,
+            )
+            weights, quadrant, thresholds = self.select_tokens(signals)
+            kept = (weights > 0).nonzero(as_tuple=True)[0]
+            loss_sum = kept_token_jsd(
+                hidden[kept],
+                teacher_hidden[kept],
+                student_head,
+                teacher_head,
+                weights[kept],
+                beta=self.beta,
+                chunk_size=args.tip_chunk_size,
+            )
         loss = loss_sum * self._loss_scale(weights.sum(), len(signals), num_items_in_batch, model.training)
 
         if model.training:

@@ -1,0 +1,84 @@
+"""`token_selection="all"` takes the fused path (signals read off the loss pass) and still equals GKD's loss and
+gradients; a budgeted rule takes the two-pass path and equals the reference computed by hand."""
+
+import torch
+
+from trl_tip import TIPConfig, TIPTrainer
+from trl_tip._compat import GKDConfig, GKDTrainer
+from trl_tip.signals import generalized_jsd
+from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
+
+
+def _batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, vocab, (3, 12), generator=g)
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    labels[1, 10:] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def _trainer(cls, config_cls, tmp_path, **extra):
+    tokenizer = make_tokenizer()
+    student = make_model(tokenizer, 32, 1, seed=1)
+    teacher = make_model(tokenizer, 48, 1, seed=2)
+    args = config_cls(
+        output_dir=str(tmp_path / cls.__name__),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        lmbda=0.0,
+        beta=0.3,
+        per_device_train_batch_size=3,
+        **extra,
+    )
+    data = arithmetic_dataset(4)
+    return cls(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    count = (batch["labels"][:, 1:] != -100).sum()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=count)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_all_rule_equals_gkd(tmp_path):
+    gkd = _trainer(GKDTrainer, GKDConfig, tmp_path)
+    tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="all")
+    batch = _batch(len(make_tokenizer()))
+    loss_gkd, grads_gkd = _loss_and_grads(gkd, batch)
+    loss_tip, grads_tip = _loss_and_grads(tip, batch)
+    torch.testing.assert_close(loss_tip, loss_gkd, rtol=1e-5, atol=1e-6)
+    assert grads_gkd.keys() == grads_tip.keys()
+    for name in grads_gkd:
+        torch.testing.assert_close(grads_tip[name], grads_gkd[name], rtol=1e-4, atol=1e-6, msg=name)
+    stats = tip.tip_statistics.compute(None, num_steps=1)
+    assert stats["tip/kept_frac"] == 1.0
+
+
+def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
+    tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="entropy_topk", keep_ratio=0.5)
+    batch = _batch(len(make_tokenizer()), seed=1)
+    kept = []
+    select = tip.select_tokens
+
+    def spy(signals):
+        weights, quadrant, thresholds = select(signals)
+        kept.append((signals, weights))
+        return weights, quadrant, thresholds
+
+    tip.select_tokens = spy
+    loss, _ = _loss_and_grads(tip, batch)
+    signals, weights = kept[0]
+    assert 0 < int((weights > 0).sum()) < len(signals)
+    with torch.no_grad():
+        s = tip.model(input_ids=batch["input_ids"]).logits[:, :-1]
+        t = tip.teacher_model(input_ids=batch["input_ids"]).logits[:, :-1]
+        jsd = generalized_jsd(s[signals.seq_idx, signals.pos_idx], t[signals.seq_idx, signals.pos_idx], 0.3)
+    torch.testing.assert_close(signals.loss, jsd, rtol=1e-5, atol=1e-6)
+    expected = (jsd * weights).sum() / weights.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,110 @@
+"""The fused per-chunk math (one log-softmax per model, closed-form JSD gradient) against the reference functions."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from trl_tip.fused import chunk_signals, jsd_and_grad
+from trl_tip.loss import OutputHead, kept_token_jsd, token_jsd_with_signals
+from trl_tip.signals import (
+    compute_token_signals,
+    divergence_from_logits,
+    generalized_jsd,
+    normalized_entropy,
+    token_log_probs,
+)
+
+
+def _logits(n=5, v=11, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    teacher = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    return student, teacher
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_and_grad_matches_autograd(beta):
+    s, t = _logits(seed=int(beta * 10))
+    s = s.requires_grad_(True)
+    ref = generalized_jsd(s, t, beta)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s)
+    value, grad = jsd_and_grad(s.detach(), t, beta)
+    torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.7, 1.0])
+def test_chunk_signals_match_reference(divergence, beta):
+    s, t = _logits(n=6, v=13, seed=3)
+    targets = torch.tensor([0, 5, 12, 3, 3, 7])
+    entropy, tent, div, loss, slp, tlp, ok, grad = chunk_signals(s, t, targets, beta, divergence, with_grad=True)
+    assert ok.all()
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), normalized_entropy(s).double(), **close)
+    torch.testing.assert_close(tent.double(), normalized_entropy(t).double(), **close)
+    torch.testing.assert_close(div.double(), divergence_from_logits(s, t, divergence).double(), **close)
+    torch.testing.assert_close(loss.double(), generalized_jsd(s, t, beta), **close)
+    torch.testing.assert_close(slp.double(), token_log_probs(s, targets).double(), **close)
+    torch.testing.assert_close(tlp.double(), token_log_probs(t, targets).double(), **close)
+    torch.testing.assert_close(grad.double(), jsd_and_grad(s, t, beta)[1].double(), **close)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("teacher_row", [False, True])
+def test_chunk_signals_flag_non_finite_rows(bad, teacher_row):
+    s, t = _logits(n=4, v=9, seed=5)
+    (t if teacher_row else s)[2, 3] = bad
+    targets = torch.tensor([1, 2, 3, 4])
+    *values, ok, grad = chunk_signals(s, t, targets, 0.5, "jsd", with_grad=True)
+    assert ok.tolist() == [True, True, False, True]
+    for value in values:
+        assert torch.isfinite(value).all() and value[2] == 0
+    assert torch.isfinite(grad).all() and torch.all(grad[2] == 0)
+    torch.testing.assert_close(values[0][ok].double(), normalized_entropy(s[ok]).double())
+
+
+def _heads(d=8, dt=12, v=17, softcap=None, seed=0):
+    torch.manual_seed(seed)
+    student = nn.Linear(d, v, bias=False).double()
+    teacher = nn.Linear(dt, v, bias=False).double()
+    return OutputHead(student, softcap), OutputHead(teacher, softcap)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_kept_token_jsd_grads_match_autograd(softcap, beta):
+    head, teacher_head = _heads(softcap=softcap)
+    torch.manual_seed(1)
+    hidden = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(7, 12, dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0, 3.0], dtype=torch.float64)
+    loss = kept_token_jsd(hidden, teacher_hidden, head, teacher_head, weights, beta=beta, chunk_size=3)
+    grads = torch.autograd.grad(loss, (hidden, head.module.weight))
+    ref = (generalized_jsd(head(hidden), teacher_head(teacher_hidden), beta) * weights).sum()
+    ref_grads = torch.autograd.grad(ref, (hidden, head.module.weight))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-8)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_token_jsd_with_signals_equals_two_pass_path():
+    head, teacher_head = _heads()
+    torch.manual_seed(2)
+    hidden = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(9, 12, dtype=torch.float64)
+    teacher_hidden[4, 0] = float("inf")  # a non-finite teacher row: dropped from loss and signals
+    targets = torch.randint(0, 17, (9,))
+    idx = torch.arange(9)
+    loss, values = token_jsd_with_signals(hidden, teacher_hidden, head, teacher_head, targets, 0.5, "jsd", 4)
+    ref = compute_token_signals(hidden.detach(), teacher_hidden, targets, head, teacher_head, idx, idx, chunk_size=4)
+    for name in ("entropy", "teacher_entropy", "divergence", "loss", "student_log_prob", "teacher_log_prob"):
+        torch.testing.assert_close(values[name].double(), getattr(ref, name).double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(values["finite"], ref.finite) and not values["finite"][4]
+    keep = ref.finite.nonzero(as_tuple=True)[0]
+    ref_loss = kept_token_jsd(hidden[keep], teacher_hidden[keep], head, teacher_head, torch.ones(len(keep)), 0.5)
+    torch.testing.assert_close(loss, ref_loss)
+    (g,) = torch.autograd.grad(loss, hidden)
+    (g_ref,) = torch.autograd.grad(ref_loss, hidden)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.all(g[4] == 0)

@@ -1,0 +1,181 @@
+"""Per-chunk math shared by the signals and the loss: one log-softmax per model, everything else derived from it.
+
+The full-vocabulary work of a step is memory-bound: each pass over a `(chunk, V)` float32 tensor costs about as
+much as the chunk's `lm_head` matmul. The reference functions of `signals.py` (`normalized_entropy`,
+`generalized_jsd`, `divergence_from_logits`, `token_log_probs`) each take their own log-softmaxes; here the student
+and teacher log-probabilities are computed once per chunk and every signal, the generalized JSD and its gradient
+with respect to the student logits are read off them. The gradient is closed-form, so the loss needs no autograd
+graph over `(chunk, V)` tensors:
+
+    M = (1 - b) S + b T,  JSD_b = b KL(T || M) + (1 - b) KL(S || M)
+    d JSD_b / d s = (1 - b) S * (log S - log M - KL(S || M))          (0 < b < 1)
+    d KL(T || S) / d s = S - T                                         (b = 0)
+    d KL(S || T) / d s = S * (log S - log T - KL(S || T))              (b = 1)
+
+On CUDA the two chunk functions are compiled with `torch.compile` (fusing the passes into a few kernels) unless
+the environment variable `TRL_TIP_COMPILE=0` is set or compilation fails, in which case they run eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+__all__ = ["chunk_signals", "jsd_and_grad"]
+
+
+def _jsd_parts(ls: torch.Tensor, lt: torch.Tensor, beta: float):
+    """Per-token generalized JSD, the student probabilities, and the gradient factor, from log-probabilities."""
+    ps = ls.exp()
+    if beta == 0.0:
+        pt = lt.exp()
+        jsd = (pt * (lt - ls)).sum(-1)
+        return jsd, ps, pt, None
+    if beta == 1.0:
+        jsd = (ps * (ls - lt)).sum(-1)
+        return jsd, ps, None, None
+    pt = lt.exp()
+    lm = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+    kl_s = (ps * (ls - lm)).sum(-1)
+    kl_t = (pt * (lt - lm)).sum(-1)
+    return beta * kl_t + (1.0 - beta) * kl_s, ps, pt, (lm, kl_s)
+
+
+def _jsd_grad(ls, lt, ps, pt, extra, jsd, beta: float) -> torch.Tensor:
+    if beta == 0.0:
+        return ps - pt
+    if beta == 1.0:
+        return ps * (ls - lt - jsd.unsqueeze(-1))
+    lm, kl_s = extra
+    return (1.0 - beta) * ps * (ls - lm - kl_s.unsqueeze(-1))
+
+
+def _jsd_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float):
+    ls = F.log_softmax(student_logits.float(), dim=-1)
+    lt = F.log_softmax(teacher_logits.float(), dim=-1)
+    jsd, ps, pt, extra = _jsd_parts(ls, lt, beta)
+    return jsd, _jsd_grad(ls, lt, ps, pt, extra, jsd, beta)
+
+
+def _chunk_signals(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+    divergence: str,
+    with_grad: bool,
+):
+    s = student_logits.float()
+    t = teacher_logits.float()
+    ls = F.log_softmax(s, dim=-1)
+    lt = F.log_softmax(t, dim=-1)
+    log_v = math.log(s.size(-1)) if s.size(-1) > 1 else 1.0
+    loss, ps, pt, extra = _jsd_parts(ls, lt, beta)
+    if pt is None:
+        pt = lt.exp()
+    entropy = -(ps * ls).sum(-1) / log_v
+    teacher_entropy = -(pt * lt).sum(-1) / log_v
+    if divergence == "jsd":
+        if beta == 0.5:
+            div = loss / math.log(2)
+        else:
+            lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
+            div = (0.5 * (pt * (lt - lm)).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)) / math.log(2)
+    elif divergence == "reverse_kl":
+        div = (ps * (ls - lt)).sum(-1)
+    else:
+        div = (pt * (lt - ls)).sum(-1)
+    idx = targets.unsqueeze(-1)
+    slp = ls.gather(-1, idx).squeeze(-1)
+    tlp = lt.gather(-1, idx).squeeze(-1)
+    # Any inf or NaN logit makes that row's entropy NaN (inf - inf, 0 * -inf, or NaN propagating), so the finiteness
+    # of both entropies tells exactly the rows whose logits are all finite, without another pass over the logits.
+    ok = torch.isfinite(entropy) & torch.isfinite(teacher_entropy)
+    values = tuple(torch.where(ok, v, torch.zeros_like(v)) for v in (entropy, teacher_entropy, div, loss, slp, tlp))
+    grad = None
+    if with_grad:
+        grad = _jsd_grad(ls, lt, ps, pt, extra, loss, beta)
+        grad = torch.where(ok.unsqueeze(-1), grad, torch.zeros_like(grad))
+    return (*values, ok, grad)
+
+
+_COMPILED: dict[str, object] = {}
+_FAILED: set[str] = set()
+
+
+def _compile_enabled(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("TRL_TIP_COMPILE", "1") != "0"
+
+
+def _run(name: str, fn, *args):
+    """Runs `fn` compiled (CUDA, once per function, dynamic in the number of positions) or eagerly."""
+    if not _compile_enabled(args[0]) or name in _FAILED:
+        return fn(*args)
+    compiled = _COMPILED.get(name)
+    if compiled is None:
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=True)
+    try:
+        return compiled(*args)
+    except Exception as exc:  # pragma: no cover - depends on the GPU toolchain
+        _FAILED.add(name)
+        warnings.warn(f"trl_tip: torch.compile of {name} failed ({exc!r}); running it eagerly.", stacklevel=2)
+        return fn(*args)
+
+
+def jsd_and_grad(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token generalized JSD (as GKD computes it) and its gradient with respect to the student logits.
+
+    Args:
+        student_logits (`torch.Tensor`): Student logits of shape `(n, V)`.
+        teacher_logits (`torch.Tensor`): Teacher logits of shape `(n, V)`.
+        beta (`float`): Interpolation coefficient in `[0, 1]`.
+
+    Returns:
+        `tuple`: The divergences, shape `(n,)`, and `d jsd_i / d student_logits[i]`, shape `(n, V)`, in float32.
+    """
+    return _run("jsd_and_grad", _jsd_and_grad, student_logits, teacher_logits, float(beta))
+
+
+def chunk_signals(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 0.5,
+    divergence: str = "jsd",
+    with_grad: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Every per-token signal of a chunk of positions from one log-softmax per model.
+
+    A row whose student or teacher logits hold an inf or a NaN gets `finite = False`, zero signals and a zero
+    gradient.
+
+    Args:
+        student_logits (`torch.Tensor`): Student logits of shape `(n, V)`.
+        teacher_logits (`torch.Tensor`): Teacher logits of shape `(n, V)`.
+        targets (`torch.Tensor`): Next-token ids of shape `(n,)`.
+        beta (`float`): `beta` of the generalized JSD training loss.
+        divergence (`str`): `"jsd"`, `"reverse_kl"` or `"forward_kl"` (no top-k restriction).
+        with_grad (`bool`): Also return the gradient of the loss with respect to the student logits.
+
+    Returns:
+        `tuple`: `(entropy, teacher_entropy, divergence, loss, student_log_prob, teacher_log_prob, finite, grad)`, the
+        first seven of shape `(n,)` (float32, entropies divided by `ln V`; `finite` boolean), `grad` of shape `(n, V)`
+        or `None`.
+    """
+    return _run(
+        f"chunk_signals_{bool(with_grad)}",
+        _chunk_signals,
+        student_logits,
+        teacher_logits,
+        targets,
+        float(beta),
+        divergence,
+        bool(with_grad),
+    )
