@@ -129,6 +129,8 @@ class TIPTrainer(GKDTrainer):
         self._tip_last_logged_step = 0
         self._tip_micro_step = (-1, 0)
         self._supports_logits_to_keep: dict[int, bool] = {}
+        self._tip_rng_pending: str | None = None
+        self._tip_rng_restored: str | None = None
 
     # ------------------------------------------------------------------ generation & token counts
 
@@ -166,6 +168,11 @@ class TIPTrainer(GKDTrainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self._tip_rng_pending is not None:
+            # Resuming mid-epoch, `Trainer` restores the RNG only after this method returns (the skipped batches
+            # must not shift the shuffle); generation happens here, so restore it now and skip the later reload.
+            super()._load_rng_state(self._tip_rng_pending)
+            self._tip_rng_restored, self._tip_rng_pending = self._tip_rng_pending, None
         batch_samples = [self._generate_on_policy(batch) for batch in batch_samples]
         count = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         for batch in batch_samples:
@@ -392,8 +399,17 @@ class TIPTrainer(GKDTrainer):
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         torch.save(self._tip_state(), path)
 
+    def _load_rng_state(self, checkpoint):
+        """Restores the RNG of a checkpoint once: before the first on-policy generation of a resumed run."""
+        if checkpoint is not None and checkpoint == self._tip_rng_restored:
+            self._tip_rng_restored = None  # already restored in `get_batch_samples`, before generating
+            return
+        self._tip_rng_pending = None
+        super()._load_rng_state(checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._tip_rng_pending = resume_from_checkpoint
         path = os.path.join(resume_from_checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         if not os.path.isfile(path):
             logger.warning(
