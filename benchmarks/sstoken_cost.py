@@ -19,6 +19,8 @@ import torch
 SIZES = {
     # hidden, layers, heads, kv heads, intermediate
     "tiny": (64, 2, 4, 2, 128),
+    "small": (256, 4, 8, 2, 1024),
+    "medium": (512, 8, 8, 2, 2048),
     "0.5b": (896, 24, 14, 2, 4864),
     "1.5b": (1536, 28, 12, 2, 8960),
 }
