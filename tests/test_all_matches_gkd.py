@@ -66,8 +66,8 @@ def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
     kept = []
     select = tip.select_tokens
 
-    def spy(signals):
-        weights, quadrant, thresholds = select(signals)
+    def spy(signals, *args, **kwargs):
+        weights, quadrant, thresholds = select(signals, *args, **kwargs)
         kept.append((signals, weights))
         return weights, quadrant, thresholds
 

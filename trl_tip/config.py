@@ -5,13 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._compat import GKDConfig
+from .history import HISTORY_DEVICES, HISTORY_MODES
 from .selection import QUADRANTS, TOKEN_SELECTIONS, parse_quadrants
+from .selection.sstoken import SSTOKEN_LOSSES
 from .signals import DIVERGENCES
 
 
 # Rules that keep a share of the tokens and therefore read `keep_ratio`.
-BUDGETED_SELECTIONS = ("random", "entropy_topk", "entropy_sample", "entropy_divergence_sample", "tip")
+BUDGETED_SELECTIONS = ("random", "entropy_topk", "entropy_sample", "entropy_divergence_sample", "tip", "sstoken")
 DEFAULT_KEEP_RATIO = 0.5
+# Rules whose default keep ratio differs from DEFAULT_KEEP_RATIO (ssToken's reference default is 0.6).
+DEFAULT_KEEP_RATIOS = {"sstoken": 0.6}
+# Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise).
+SSTOKEN_DEFAULTS = {
+    "sstoken_gamma": 0.5,
+    "sstoken_loss": "divergence",
+    "sstoken_history": "ema",
+    "sstoken_ema_decay": 0.9,
+    "sstoken_ema_update_interval": 1,
+    "sstoken_history_device": "same",
+    "sstoken_warmup_steps": 0,
+}
 
 
 @dataclass
@@ -27,11 +41,11 @@ class TIPConfig(GKDConfig):
     Args:
         token_selection (`str`, *optional*, defaults to `"entropy_sample"`):
             Selection rule: `"all"` (every token, exactly GKD's loss), `"random"`, `"entropy_topk"`,
-            `"entropy_sample"`, `"entropy_divergence_sample"`, `"quadrants"` or `"tip"`.
+            `"entropy_sample"`, `"entropy_divergence_sample"`, `"quadrants"`, `"tip"` or `"sstoken"`.
         keep_ratio (`float`, *optional*):
             Share of the eligible tokens kept by the budgeted rules (`random`, `entropy_topk`, `entropy_sample`,
-            `entropy_divergence_sample`, `tip`), in `(0, 1]`. Defaults to `0.5` for those rules; must stay unset for
-            `all` and `quadrants`.
+            `entropy_divergence_sample`, `tip`, `sstoken`), in `(0, 1]`. Defaults to `0.5` for those rules (`0.6`
+            for `sstoken`, which keeps it per sequence); must stay unset for `all` and `quadrants`.
         entropy_alpha (`float`, *optional*, defaults to `1.0`):
             Exponent `alpha` on the entropy in the sampling weight `H^alpha * D^gamma`.
         divergence_gamma (`float`, *optional*, defaults to `1.0`):
@@ -56,13 +70,30 @@ class TIPConfig(GKDConfig):
             Likewise for the divergence split.
         tip_chunk_size (`int`, *optional*, defaults to `1024`):
             Positions whose full-vocabulary logits are materialised at once, in the signals and in the loss.
+        sstoken_gamma (`float`, *optional*):
+            `sstoken` only (default `0.5`): weight of the retrospective excess loss in
+            `gamma * REL_norm + (1 - gamma) * attention`; `1` is REL only, `0` attention only (no history model).
+        sstoken_loss (`str`, *optional*):
+            `sstoken` only (default `"divergence"`): per-token loss of REL, `"nll"` (of the sampled token) or
+            `"divergence"` (the token's distillation loss to the teacher).
+        sstoken_history (`str`, *optional*):
+            `sstoken` only (default `"ema"`): history model, `"ema"` of the student's trainable weights or `"fixed"`
+            (the initial student).
+        sstoken_ema_decay (`float`, *optional*):
+            `sstoken` with `ema` history (default `0.9`): decay `alpha` of `θ_his ← alpha θ_his + (1 − alpha) θ`.
+        sstoken_ema_update_interval (`int`, *optional*):
+            `sstoken` with `ema` history (default `1`): optimizer steps between EMA updates.
+        sstoken_history_device (`str`, *optional*):
+            `sstoken` (default `"same"`): where the history copy lives, `"same"` (the student's device) or `"cpu"`.
+        sstoken_warmup_steps (`int`, *optional*):
+            `sstoken` (default `0`): first optimizer steps that select by the attention score alone.
     """
 
     token_selection: str = field(
         default="entropy_sample",
         metadata={
             "help": "Selection rule: `all` (every token, exactly GKD's loss), `random`, `entropy_topk`, "
-            "`entropy_sample`, `entropy_divergence_sample`, `quadrants` or `tip`.",
+            "`entropy_sample`, `entropy_divergence_sample`, `quadrants`, `tip` or `sstoken`.",
             "choices": list(TOKEN_SELECTIONS),
         },
     )
@@ -70,8 +101,8 @@ class TIPConfig(GKDConfig):
         default=None,
         metadata={
             "help": "Share of the eligible tokens kept by the budgeted rules (random, entropy_topk, entropy_sample, "
-            "entropy_divergence_sample, tip), in (0, 1]. Defaults to 0.5 for those rules; leave unset for `all` and "
-            "`quadrants`."
+            "entropy_divergence_sample, tip, sstoken), in (0, 1]. Defaults to 0.5 for those rules (0.6 for sstoken, "
+            "per sequence); leave unset for `all` and `quadrants`."
         },
     )
     entropy_alpha: float = field(
@@ -130,9 +161,111 @@ class TIPConfig(GKDConfig):
         metadata={"help": "Positions whose full-vocabulary logits are materialised at once (signals and loss)."},
     )
 
+    sstoken_gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "sstoken only (default 0.5): weight of the retrospective excess loss in gamma * REL_norm + "
+            "(1 - gamma) * prompt attention, in [0, 1]; 1 = REL only, 0 = attention only (no history model)."
+        },
+    )
+    sstoken_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "sstoken only (default `divergence`): per-token loss of REL, `nll` (of the sampled token) or "
+            "`divergence` (the token's distillation loss to the teacher).",
+            "choices": list(SSTOKEN_LOSSES),
+        },
+    )
+    sstoken_history: str | None = field(
+        default=None,
+        metadata={
+            "help": "sstoken only (default `ema`): history model, `ema` (EMA of the student's trainable weights) or "
+            "`fixed` (the initial student).",
+            "choices": list(HISTORY_MODES),
+        },
+    )
+    sstoken_ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "sstoken with ema history (default 0.9): EMA decay alpha in [0, 1)."},
+    )
+    sstoken_ema_update_interval: int | None = field(
+        default=None,
+        metadata={"help": "sstoken with ema history (default 1): optimizer steps between EMA updates (>= 1)."},
+    )
+    sstoken_history_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "sstoken (default `same`): where the history weights live, `same` (student's device) or `cpu`.",
+            "choices": list(HISTORY_DEVICES),
+        },
+    )
+    sstoken_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "sstoken (default 0): first optimizer steps that select by the attention score alone."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_selection_options()
+        self._validate_sstoken_options()
+
+    def _validate_sstoken_options(self) -> None:
+        given = [name for name in SSTOKEN_DEFAULTS if getattr(self, name) is not None]
+        if self.token_selection != "sstoken":
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} only apply to token_selection='sstoken', got token_selection="
+                    f"{self.token_selection!r}. Leave them unset or use token_selection='sstoken'."
+                )
+            return
+        gamma = SSTOKEN_DEFAULTS["sstoken_gamma"] if self.sstoken_gamma is None else self.sstoken_gamma
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"sstoken_gamma must be in [0, 1], got {gamma}.")
+        self.sstoken_gamma = float(gamma)
+        if gamma == 0.0:
+            # Attention only: no history model, so its options would be silently ignored.
+            unused = [name for name in given if name != "sstoken_gamma"]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} are not used with sstoken_gamma=0 (attention only, no history model); "
+                    "leave them unset or set sstoken_gamma > 0."
+                )
+            return
+        for name, default in SSTOKEN_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.sstoken_loss not in SSTOKEN_LOSSES:
+            raise ValueError(
+                f"sstoken_loss={self.sstoken_loss!r} is unknown; allowed values: {', '.join(SSTOKEN_LOSSES)}."
+            )
+        if self.sstoken_history not in HISTORY_MODES:
+            raise ValueError(
+                f"sstoken_history={self.sstoken_history!r} is unknown; allowed values: {', '.join(HISTORY_MODES)}."
+            )
+        if self.sstoken_history_device not in HISTORY_DEVICES:
+            raise ValueError(
+                f"sstoken_history_device={self.sstoken_history_device!r} is unknown; allowed values: "
+                f"{', '.join(HISTORY_DEVICES)}."
+            )
+        if self.sstoken_history == "fixed":
+            unused = [name for name in ("sstoken_ema_decay", "sstoken_ema_update_interval") if name in given]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} are not used with sstoken_history='fixed'; leave them unset or use "
+                    "sstoken_history='ema'."
+                )
+            self.sstoken_ema_decay = self.sstoken_ema_update_interval = None
+        else:
+            if not 0.0 <= self.sstoken_ema_decay < 1.0:
+                raise ValueError(f"sstoken_ema_decay must be in [0, 1), got {self.sstoken_ema_decay}.")
+            if int(self.sstoken_ema_update_interval) != self.sstoken_ema_update_interval or (
+                self.sstoken_ema_update_interval < 1
+            ):
+                raise ValueError(
+                    f"sstoken_ema_update_interval must be an integer >= 1, got {self.sstoken_ema_update_interval}."
+                )
+        if int(self.sstoken_warmup_steps) != self.sstoken_warmup_steps or self.sstoken_warmup_steps < 0:
+            raise ValueError(f"sstoken_warmup_steps must be an integer >= 0, got {self.sstoken_warmup_steps}.")
 
     def _validate_selection_options(self) -> None:
         if self.token_selection not in TOKEN_SELECTIONS:
@@ -149,7 +282,7 @@ class TIPConfig(GKDConfig):
             if not 0.0 < self.keep_ratio <= 1.0:
                 raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}.")
         elif self.token_selection in BUDGETED_SELECTIONS:
-            self.keep_ratio = DEFAULT_KEEP_RATIO
+            self.keep_ratio = DEFAULT_KEEP_RATIOS.get(self.token_selection, DEFAULT_KEEP_RATIO)
         if self.entropy_alpha < 0:
             raise ValueError(f"entropy_alpha must be >= 0, got {self.entropy_alpha}.")
         if self.divergence_gamma < 0:

@@ -25,6 +25,7 @@ __all__ = [
     "compute_token_signals",
     "divergence_from_logits",
     "generalized_jsd",
+    "history_token_losses",
     "normalized_entropy",
     "token_log_probs",
 ]
@@ -237,3 +238,55 @@ def compute_token_signals(
         seq_idx=seq_idx,
         pos_idx=pos_idx,
     )
+
+
+HISTORY_LOSSES = ("nll", "divergence")
+
+
+@torch.no_grad()
+def history_token_losses(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    kinds: tuple[str, ...],
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """Per-token losses of a model (ssToken's history model) from its final hidden states, chunk by chunk.
+
+    Args:
+        hidden (`torch.Tensor`): Final hidden states of the eligible positions, shape `(N, d)`.
+        targets (`torch.Tensor`): Next-token ids, shape `(N,)`.
+        head (`Callable`): Maps the hidden states to logits.
+        kinds (`tuple[str, ...]`): Losses to compute among `"nll"` (negative log-likelihood of the target) and
+            `"divergence"` (generalized JSD with `beta` to the teacher, GKD's per-token loss).
+        teacher_hidden (`torch.Tensor`, *optional*): Teacher final hidden states `(N, d_t)`; needed for `divergence`.
+        teacher_head (`Callable`, *optional*): The teacher's head; needed for `divergence`.
+        beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD.
+        chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+
+    Returns:
+        `dict[str, torch.Tensor]`: For each kind, float32 `(N,)`; NaN where the logits are not finite.
+    """
+    for kind in kinds:
+        if kind not in HISTORY_LOSSES:
+            raise ValueError(f"Unknown per-token loss {kind!r}; allowed values: {', '.join(HISTORY_LOSSES)}.")
+    if "divergence" in kinds and (teacher_hidden is None or teacher_head is None):
+        raise ValueError("The `divergence` per-token loss needs teacher_hidden and teacher_head.")
+    n = targets.numel()
+    out = {kind: torch.full((n,), float("nan"), device=targets.device) for kind in kinds}
+    for sl in _positions(n, chunk_size):
+        logits = head(hidden[sl]).float()
+        ok = torch.isfinite(logits).all(-1)
+        if "nll" in kinds:
+            out["nll"][sl] = torch.where(ok, -token_log_probs(logits, targets[sl]), float("nan"))
+        if "divergence" in kinds:
+            t_logits = teacher_head(teacher_hidden[sl]).float()
+            ok = ok & torch.isfinite(t_logits).all(-1)
+            value = generalized_jsd(logits, t_logits, beta)
+            out["divergence"][sl] = torch.where(ok, value, float("nan"))
+            del t_logits
+        del logits
+    return out

@@ -6,6 +6,7 @@ import inspect
 import os
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -15,10 +16,21 @@ from transformers.utils import is_peft_available, logging
 from trl.models.utils import unwrap_model_for_generation
 
 from ._compat import GKDTrainer
-from .config import TIPConfig
+from .attention import capture_last_attention_inputs, prompt_attention_mass
+from .callbacks import HistoryEMACallback
+from .config import SSTOKEN_DEFAULTS, TIPConfig
+from .history import ModelHistory
 from .loss import OutputHead, kept_token_jsd, token_jsd_with_signals
-from .selection import AllTokens, SelectionContext, TokenSelector, assign_quadrants, build_selector, validate_selection
-from .signals import TokenSignals, compute_token_signals
+from .selection import (
+    PROMPT_ATTENTION,
+    AllTokens,
+    SelectionContext,
+    TokenSelector,
+    assign_quadrants,
+    build_selector,
+    validate_selection,
+)
+from .signals import TokenSignals, compute_token_signals, history_token_losses
 from .stats import TIPStatistics
 
 
@@ -31,6 +43,7 @@ __all__ = ["TIPTrainer"]
 logger = logging.get_logger(__name__)
 
 TIP_STATE_NAME = "tip_state_rank{rank}.pt"
+HISTORY_STATE_NAME = "sstoken_history.pt"
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -80,6 +93,8 @@ class TIPTrainer(GKDTrainer):
     """
 
     _tag_names = ["trl", "gkd", "trl-tip"]
+    # Extra per-token inputs a selector may list in its `requires` attribute (computed only when asked).
+    EXTRA_SIGNALS = ("history_nll", "history_divergence", PROMPT_ATTENTION)
     _name = "TIP"
     # `compute_loss` normalises by the step's token counts itself: `Trainer` must not divide by the accumulation steps.
     loss_is_scaled_for_ga = True
@@ -125,12 +140,48 @@ class TIPTrainer(GKDTrainer):
             formatting_func=formatting_func,
         )
         self.selector: TokenSelector = selector if selector is not None else build_selector(args)
+        self.selector_requires = frozenset(getattr(self.selector, "requires", ()))
+        unknown = sorted(self.selector_requires - set(self.EXTRA_SIGNALS))
+        if unknown:
+            raise ValueError(
+                f"selector {self.selector!r} requires unknown extra signals {unknown}; allowed values: "
+                f"{', '.join(self.EXTRA_SIGNALS)}."
+            )
+        self.sstoken_history: ModelHistory | None = None
+        if any(name.startswith("history_") for name in self.selector_requires):
+            self.sstoken_history = self._build_history(args)
         self.tip_statistics = TIPStatistics(self.accelerator.device)
         self._tip_last_logged_step = 0
         self._tip_micro_step = (-1, 0)
         self._supports_logits_to_keep: dict[int, bool] = {}
-        self._tip_pending_rng_checkpoint: str | None = None
-        self._tip_rng_restored_early = False
+        self._tip_rng_pending: str | None = None
+        self._tip_rng_restored: str | None = None
+
+    def _build_history(self, args: TIPConfig) -> ModelHistory:
+        """The ssToken history model of the student, and the callback that updates it when it is an EMA."""
+
+        def option(name: str):
+            value = getattr(args, name)
+            return SSTOKEN_DEFAULTS[name] if value is None else value
+
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "The ssToken history model swaps whole parameters into the student, which FSDP and DeepSpeed ZeRO-3 "
+                "shard; use DDP or ZeRO-1/2, or a selector without a history model (sstoken_gamma=0)."
+            )
+
+        history = ModelHistory(
+            self.model,
+            decay=option("sstoken_ema_decay"),
+            mode=option("sstoken_history"),
+            device=option("sstoken_history_device"),
+        )
+        if history.mode == "ema":
+            self.add_callback(HistoryEMACallback(history, option("sstoken_ema_update_interval")))
+        logger.info(f"ssToken history model: {history!r}, {history.nbytes / 2**20:.1f} MiB.")
+        return history
 
     # ------------------------------------------------------------------ generation & token counts
 
@@ -168,12 +219,11 @@ class TIPTrainer(GKDTrainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
-        if self._tip_pending_rng_checkpoint is not None:
-            # Resuming mid-epoch, `Trainer` restores the RNG state after this method returns, but generation happens
-            # here: restore it now, after fetching the data as `Trainer` does, and skip `Trainer`'s later restore.
-            super()._load_rng_state(self._tip_pending_rng_checkpoint)
-            self._tip_pending_rng_checkpoint = None
-            self._tip_rng_restored_early = True
+        if self._tip_rng_pending is not None:
+            # Resuming mid-epoch, `Trainer` restores the RNG only after this method returns (the skipped batches
+            # must not shift the shuffle); generation happens here, so restore it now and skip the later reload.
+            super()._load_rng_state(self._tip_rng_pending)
+            self._tip_rng_restored, self._tip_rng_pending = self._tip_rng_pending, None
         batch_samples = [self._generate_on_policy(batch) for batch in batch_samples]
         count = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         for batch in batch_samples:
@@ -254,11 +304,15 @@ class TIPTrainer(GKDTrainer):
         )
         return torch.Generator().manual_seed(seed)
 
-    def select_tokens(self, signals: TokenSignals) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    def select_tokens(
+        self, signals: TokenSignals, extras: dict[str, torch.Tensor] | None = None, training: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
         """Runs thresholds, quadrants and the selection rule on the signals of one micro-batch.
 
         Args:
             signals ([`TokenSignals`]): Signals of the eligible positions.
+            extras (`dict[str, torch.Tensor]`, *optional*): Extra per-token inputs the selector `requires`.
+            training (`bool`, *optional*, defaults to `True`): Whether this is a training micro-batch.
 
         Returns:
             `tuple`: Weights of shape `(N,)` (0 = dropped), quadrant ids of shape `(N,)` (0 for non-finite
@@ -276,6 +330,8 @@ class TIPTrainer(GKDTrainer):
             process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes,
             gather=self._gather_rows,
+            extras=extras or {},
+            training=training,
         )
         selection = self.selector(signals, context)
         weights = validate_selection(selection, len(signals), name=f"selector {self.selector!r}")
@@ -290,20 +346,32 @@ class TIPTrainer(GKDTrainer):
         shifted_labels = inputs["labels"][:, 1:]
         seq_idx, pos_idx = (shifted_labels != -100).nonzero(as_tuple=True)
 
-        student_hidden = self._final_hidden(model, inputs)
+        targets = shifted_labels[seq_idx, pos_idx]
+        requires = self.selector_requires
+        # The teacher (and the history model, if asked) run first, so that no student graph is alive while the
+        # history weights are swapped into the student.
         self.teacher_model.eval()
         with torch.no_grad():
             teacher_hidden = self._final_hidden(self.teacher_model, inputs)
         # Causal shift: the hidden state at position i predicts the label at i + 1.
-        hidden = student_hidden[:, :-1][seq_idx, pos_idx]
         teacher_hidden = teacher_hidden[:, :-1][seq_idx, pos_idx]
+        teacher_head = OutputHead.from_model(_causal_lm(self.teacher_model))
+        extras: dict[str, torch.Tensor] = {}
+        history_kinds = tuple(name[len("history_") :] for name in sorted(requires) if name.startswith("history_"))
+        if history_kinds:
+            extras.update(self._history_signals(inputs, seq_idx, pos_idx, targets, teacher_hidden, history_kinds))
+
+        capture = capture_last_attention_inputs(_causal_lm(model)) if PROMPT_ATTENTION in requires else nullcontext()
+        with capture as attention_inputs:
+            student_hidden = self._final_hidden(model, inputs)
+        hidden = student_hidden[:, :-1][seq_idx, pos_idx]
         del student_hidden
-        targets = shifted_labels[seq_idx, pos_idx]
+        if PROMPT_ATTENTION in requires:
+            extras[PROMPT_ATTENTION] = self._prompt_attention(inputs, attention_inputs, seq_idx, pos_idx)
 
         student_head = OutputHead.from_model(_causal_lm(model))
-        teacher_head = OutputHead.from_model(_causal_lm(self.teacher_model))
         fused = None
-        if isinstance(self.selector, AllTokens) and args.divergence_top_k is None:
+        if type(self.selector) is AllTokens and args.divergence_top_k is None:
             # Every token is kept: read the signals off the loss pass instead of a separate pass over the logits.
             fused = token_jsd_with_signals(
                 hidden,
@@ -318,7 +386,7 @@ class TIPTrainer(GKDTrainer):
         if fused is not None:
             loss_sum, values = fused
             signals = TokenSignals(**values, seq_idx=seq_idx, pos_idx=pos_idx)
-            weights, quadrant, thresholds = self.select_tokens(signals)
+            weights, quadrant, thresholds = self.select_tokens(signals, extras, training=model.training)
         else:
             signals = compute_token_signals(
                 hidden.detach(),
@@ -333,7 +401,7 @@ class TIPTrainer(GKDTrainer):
                 divergence_top_k=args.divergence_top_k,
                 chunk_size=args.tip_chunk_size,
             )
-            weights, quadrant, thresholds = self.select_tokens(signals)
+            weights, quadrant, thresholds = self.select_tokens(signals, extras, training=model.training)
             kept = (weights > 0).nonzero(as_tuple=True)[0]
             loss_sum = kept_token_jsd(
                 hidden[kept],
@@ -353,6 +421,59 @@ class TIPTrainer(GKDTrainer):
 
             return loss, CausalLMOutputWithPast(loss=loss, logits=None)
         return loss
+
+    def _history_signals(
+        self,
+        inputs: dict[str, Any],
+        seq_idx: torch.Tensor,
+        pos_idx: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        kinds: tuple[str, ...],
+    ) -> dict[str, torch.Tensor]:
+        """Per-token losses of the history model (`history_nll`, `history_divergence`), in eval mode, no grad."""
+        if self.sstoken_history is None:
+            raise RuntimeError("The selector needs a history model but TIPTrainer built none.")
+        student = self.model
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad(), self.sstoken_history.swapped_in(student):
+                hidden = self._final_hidden(student, inputs)[:, :-1][seq_idx, pos_idx]
+                # The head may be trained (or tied to trained embeddings): project inside the swap.
+                losses = history_token_losses(
+                    hidden,
+                    targets,
+                    OutputHead.from_model(_causal_lm(student)),
+                    kinds,
+                    teacher_hidden=teacher_hidden,
+                    teacher_head=OutputHead.from_model(_causal_lm(self.teacher_model)),
+                    beta=self.beta,
+                    chunk_size=self.args.tip_chunk_size,
+                )
+        finally:
+            student.train(was_training)
+        return {f"history_{kind}": value for kind, value in losses.items()}
+
+    def _prompt_attention(
+        self, inputs: dict[str, Any], attention_inputs, seq_idx: torch.Tensor, pos_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Last-layer attention mass of each completion token on its prompt, averaged over heads.
+
+        The completion token predicted at shifted position `p` sits at position `p + 1`; its attention row is used.
+        The prompt of a row is its real (unpadded) tokens before its first labelled one.
+        """
+        labels, attention_mask = inputs["labels"], inputs["attention_mask"]
+        labelled = labels != -100
+        seq_len = labels.size(1)
+        first = torch.where(
+            labelled.any(1), labelled.int().argmax(1), torch.full_like(labelled[:, 0], seq_len, dtype=torch.long)
+        )
+        positions = torch.arange(seq_len, device=labels.device)
+        prompt_mask = attention_mask.bool() & (positions[None, :] < first[:, None])
+        return prompt_attention_mass(
+            attention_inputs, attention_mask, prompt_mask, seq_idx, pos_idx + 1, chunk_size=self.args.tip_chunk_size
+        )
 
     def _loss_scale(
         self, kept_weight: torch.Tensor, num_eligible: int, num_items_in_batch: Any, training: bool
@@ -396,6 +517,8 @@ class TIPTrainer(GKDTrainer):
 
             num_steps = self.state.global_step - self._tip_last_logged_step
             logs.update(self.tip_statistics.compute(reduce_sum, num_steps=num_steps))
+            if hasattr(self.selector, "compute_metrics"):
+                logs.update(self.selector.compute_metrics(reduce_sum))
             self.tip_statistics.reset()
             self._tip_last_logged_step = self.state.global_step
         super().log(logs, start_time)
@@ -416,17 +539,30 @@ class TIPTrainer(GKDTrainer):
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         torch.save(self._tip_state(), path)
+        if self.sstoken_history is not None and self.args.should_save:
+            torch.save(self.sstoken_history.state_dict(), os.path.join(output_dir, HISTORY_STATE_NAME))
 
     def _load_rng_state(self, checkpoint):
-        if self._tip_rng_restored_early:
-            self._tip_rng_restored_early = False
+        """Restores the RNG of a checkpoint once: before the first on-policy generation of a resumed run."""
+        if checkpoint is not None and checkpoint == self._tip_rng_restored:
+            self._tip_rng_restored = None  # already restored in `get_batch_samples`, before generating
             return
-        self._tip_pending_rng_checkpoint = None
+        self._tip_rng_pending = None
         super()._load_rng_state(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._tip_pending_rng_checkpoint = resume_from_checkpoint
+        self._tip_rng_pending = resume_from_checkpoint
+        if self.sstoken_history is not None:
+            history_path = os.path.join(resume_from_checkpoint, HISTORY_STATE_NAME)
+            if os.path.isfile(history_path):
+                self.sstoken_history.load_state_dict(torch.load(history_path, map_location="cpu", weights_only=True))
+            else:
+                logger.warning(
+                    f"{history_path} is missing: the ssToken history model restarts from the resumed weights, so "
+                    "selections differ from an uninterrupted run."
+                )
+                self.sstoken_history.reset(self.model)
         path = os.path.join(resume_from_checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         if not os.path.isfile(path):
             logger.warning(

@@ -12,6 +12,18 @@ from .base import (
     top_k_mask,
     validate_selection,
 )
+from .sstoken import (
+    PROMPT_ATTENTION,
+    SSTOKEN_LOSSES,
+    Intersect,
+    SSToken,
+    Union,
+    history_requirement,
+    per_sequence_minmax,
+    per_sequence_top_k,
+    retrospective_excess_loss,
+    sstoken_score,
+)
 from .tip import (
     AllTokens,
     EntropyDivergenceSample,
@@ -24,7 +36,16 @@ from .tip import (
 )
 
 
-TOKEN_SELECTIONS = ("all", "random", "entropy_topk", "entropy_sample", "entropy_divergence_sample", "quadrants", "tip")
+TOKEN_SELECTIONS = (
+    "all",
+    "random",
+    "entropy_topk",
+    "entropy_sample",
+    "entropy_divergence_sample",
+    "quadrants",
+    "tip",
+    "sstoken",
+)
 
 
 def build_selector(args) -> TokenSelector:
@@ -52,26 +73,43 @@ def build_selector(args) -> TokenSelector:
         return QuadrantSubset(args.quadrants)
     if rule == "tip":
         return TypeAware(keep_ratio, q3_share=args.tip_q3_share)
+    if rule == "sstoken":
+        return SSToken(
+            keep_ratio,
+            gamma=args.sstoken_gamma,
+            loss=args.sstoken_loss or "divergence",
+            warmup_steps=args.sstoken_warmup_steps or 0,
+        )
     raise ValueError(f"Unknown token_selection {rule!r}; allowed values: {', '.join(TOKEN_SELECTIONS)}.")
 
 
 __all__ = [
+    "PROMPT_ATTENTION",
     "QUADRANTS",
+    "SSTOKEN_LOSSES",
     "TOKEN_SELECTIONS",
     "AllTokens",
     "EntropyDivergenceSample",
     "EntropySample",
     "EntropyTopK",
+    "Intersect",
     "QuadrantSubset",
     "RandomTokens",
+    "SSToken",
     "SelectionContext",
     "TokenSelector",
     "TypeAware",
+    "Union",
     "assign_quadrants",
     "budget",
     "build_selector",
+    "history_requirement",
     "parse_quadrants",
+    "per_sequence_minmax",
+    "per_sequence_top_k",
+    "retrospective_excess_loss",
     "sample_without_replacement",
+    "sstoken_score",
     "top_k_mask",
     "validate_selection",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -39,6 +39,9 @@ class SelectionContext:
         num_processes: Number of processes.
         gather: Concatenates a 1-D tensor over all processes (identity on one process); use it to compute
             thresholds that every rank must share.
+        extras: Extra per-token inputs of shape `(N,)` that the selector asked for in its `requires` attribute
+            (e.g. `"history_nll"`, `"history_divergence"`, `"prompt_attention"`); computed only when asked.
+        training: Whether the micro-batch is a training one (selectors with metrics accumulate only then).
     """
 
     entropy_threshold: float
@@ -49,6 +52,8 @@ class SelectionContext:
     process_index: int = 0
     num_processes: int = 1
     gather: object = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    training: bool = True
 
     def gather_values(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenates `values` over all processes (identity on one process)."""
@@ -63,6 +68,9 @@ class TokenSelector(Protocol):
     boolean tensor of shape `(N,)` (kept positions) or a floating tensor of shape `(N,)` of non-negative finite
     weights (positions with weight 0 are dropped; the loss is normalised by the sum of the weights). Positions with
     `signals.finite == False` are dropped whatever the selector returns.
+
+    A selector may list in a `requires` attribute the extra per-token inputs it needs (names among
+    `TIPTrainer.EXTRA_SIGNALS`); the trainer computes them only then and passes them in `context.extras`.
 
     A selector that needs state across steps keeps it itself or in a `TrainerCallback`; a selector with a
     `state_dict()` / `load_state_dict()` pair is saved in and restored from checkpoints by `TIPTrainer`.

@@ -1,0 +1,564 @@
+"""ssToken: history model, retrospective excess loss, prompt attention, selection, trainer integration."""
+
+import math
+import os
+import shutil
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from trl_tip import (
+    HistoryEMACallback,
+    Intersect,
+    ModelHistory,
+    QuadrantSubset,
+    SelectionContext,
+    SSToken,
+    TIPConfig,
+    TIPTrainer,
+    TokenSignals,
+    Union,
+    build_selector,
+)
+from trl_tip.attention import capture_last_attention_inputs, prompt_attention_mass, prompt_mass_from_qk
+from trl_tip.selection import per_sequence_minmax, per_sequence_top_k, retrospective_excess_loss, sstoken_score
+from trl_tip.signals import history_token_losses, token_log_probs
+from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_signals(student_log_prob, loss, seq_idx, finite=None):
+    n = len(seq_idx)
+    zeros = torch.zeros(n)
+    return TokenSignals(
+        entropy=zeros.clone(),
+        divergence=zeros.clone(),
+        loss=torch.as_tensor(loss, dtype=torch.float32),
+        student_log_prob=torch.as_tensor(student_log_prob, dtype=torch.float32),
+        teacher_log_prob=zeros.clone(),
+        teacher_entropy=zeros.clone(),
+        finite=torch.ones(n, dtype=torch.bool) if finite is None else torch.as_tensor(finite),
+        seq_idx=torch.as_tensor(seq_idx),
+        pos_idx=torch.arange(n),
+    )
+
+
+def make_context(quadrant, extras, step=0, training=True):
+    return SelectionContext(
+        entropy_threshold=0.0,
+        divergence_threshold=0.0,
+        quadrant=torch.as_tensor(quadrant),
+        generator=torch.Generator().manual_seed(0),
+        global_step=step,
+        extras=extras,
+        training=training,
+    )
+
+
+def base_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        per_device_train_batch_size=4,
+        max_new_tokens=5,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        lmbda=1.0,
+        token_selection="sstoken",
+    )
+    defaults.update(kwargs)
+    return TIPConfig(**defaults)
+
+
+# ----------------------------------------------------------------------------- history model
+
+
+def test_ema_arithmetic_by_hand():
+    model = nn.Linear(2, 2, bias=False)
+    frozen = nn.Linear(2, 1)
+    frozen.requires_grad_(False)
+    model.frozen = frozen
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    history = ModelHistory(model, decay=0.75)
+    assert set(history.shadow) == {"weight"}  # frozen parameters are shared, not copied
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[5.0, 6.0], [7.0, 8.0]]))
+    history.update(model)
+    # 0.75 * old + 0.25 * new
+    expected = torch.tensor([[2.0, 3.0], [4.0, 5.0]])
+    assert torch.allclose(history.shadow["weight"], expected)
+    with torch.no_grad():
+        model.weight.zero_()
+    history.update(model)
+    assert torch.allclose(history.shadow["weight"], 0.75 * expected)
+    assert history.num_updates == 2
+
+    # The swap puts the history weights in and restores the student's exactly.
+    with history.swapped_in(model):
+        assert torch.allclose(model.weight, 0.75 * expected)
+    assert torch.equal(model.weight, torch.zeros(2, 2))
+
+
+def test_fixed_history_and_cpu_device_and_callback_interval():
+    model = nn.Linear(3, 3)
+    initial = model.weight.detach().clone()
+    fixed = ModelHistory(model, mode="fixed", device="cpu")
+    ema = ModelHistory(model, decay=0.5)
+    callback = HistoryEMACallback(ema, update_interval=2)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        fixed.update(model)
+        callback.on_step_end(None, types.SimpleNamespace(global_step=step), None, model=model)
+    assert torch.equal(fixed.shadow["weight"], initial)
+    assert fixed.shadow["weight"].device.type == "cpu"
+    # Updates after steps 2 and 4 only: w0 -> 0.5 w0 + 0.5 (w0 + 2) = w0 + 1 -> 0.5 (w0 + 1) + 0.5 (w0 + 4) = w0 + 2.5
+    assert ema.num_updates == 2
+    assert torch.allclose(ema.shadow["weight"], initial + 2.5)
+    with pytest.raises(ValueError, match="sstoken_ema_update_interval"):
+        HistoryEMACallback(ema, update_interval=0)
+    with pytest.raises(ValueError, match="sstoken_history"):
+        ModelHistory(model, mode="slow")
+    with pytest.raises(ValueError, match="sstoken_ema_decay"):
+        ModelHistory(model, decay=1.0)
+
+
+def test_lora_history_tracks_only_the_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = make_tokenizer()
+    model = get_peft_model(
+        make_model(tokenizer, 32, 1, seed=0),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    history = ModelHistory(model, decay=0.5)
+    assert history.shadow and all("lora_" in name for name in history.shadow)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert set(history.shadow) == set(lora)
+    assert history.num_parameters == sum(p.numel() for p in lora.values())
+    assert history.num_parameters < 0.1 * sum(p.numel() for p in model.parameters())
+
+    ids = torch.randint(4, len(tokenizer), (2, 7))
+    with torch.no_grad():
+        for name, p in lora.items():
+            if "lora_B" in name:
+                p.normal_()
+        current = model(input_ids=ids).logits
+    # The history holds the initial adapter (lora_B = 0): the base model's output.
+    with history.swapped_in(model), torch.no_grad():
+        old = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.allclose(old, base, atol=1e-6)
+    assert not torch.allclose(old, current)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, current)
+    history.update(model)
+    for name, p in lora.items():
+        if "lora_B" in name:
+            assert torch.allclose(history.shadow[name], 0.5 * p.detach())
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_rel_sign_and_per_sequence_minmax_on_crafted_logits():
+    # Two sequences; the history model puts less mass on the target than the current model at positions 0 and 2.
+    targets = torch.tensor([0, 1, 2, 0, 1])
+    current_logits = torch.tensor(
+        [[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+    )
+    history_logits = torch.tensor(
+        [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+    )
+    seq_idx = torch.tensor([0, 0, 0, 1, 1])
+    his = history_token_losses(history_logits, targets, lambda h: h, ("nll",))["nll"]
+    cur = -token_log_probs(current_logits, targets)
+    rel = retrospective_excess_loss(his, cur)
+    expected = torch.tensor(
+        [
+            -math.log(1 / 3) + math.log(math.e**3 / (math.e**3 + 2)),
+            0.0,
+            -math.log(math.e / (math.e + 2)) + math.log(math.e**5 / (math.e**5 + 2)),
+            0.0,
+            0.0,
+        ]
+    )
+    assert torch.allclose(rel, expected, atol=1e-6)
+    assert rel[0] > rel[2] > 0  # tokens the current model has learnt have positive REL
+    norm = per_sequence_minmax(rel, seq_idx)
+    assert torch.allclose(norm[:3], (rel[:3] - rel[1]) / (rel[0] - rel[1]))
+    assert norm[1] == 0 and norm[0] == 1 and 0 < norm[2] < 1
+    assert torch.equal(norm[3:], torch.zeros(2))  # a constant sequence maps to 0
+
+    values = torch.tensor([1.0, 5.0, 3.0, -2.0, 2.0, 100.0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    got = per_sequence_minmax(values, torch.tensor([0, 0, 0, 1, 1, 1]), valid)
+    assert torch.allclose(got, torch.tensor([0.0, 1.0, 0.5, 0.0, 1.0, 0.0]))  # invalid: excluded and 0
+
+
+def test_history_divergence_loss_matches_generalized_jsd():
+    from trl_tip.signals import generalized_jsd
+
+    torch.manual_seed(0)
+    hidden, teacher = torch.randn(5, 7), torch.randn(5, 7)
+    out = history_token_losses(
+        hidden, torch.zeros(5, dtype=torch.long), lambda h: h, ("divergence", "nll"), teacher, lambda h: h, 0.3, 2
+    )
+    assert torch.allclose(out["divergence"], generalized_jsd(hidden, teacher, 0.3))
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        history_token_losses(hidden, torch.zeros(5, dtype=torch.long), lambda h: h, ("divergence",))
+
+
+def test_score_and_per_sequence_top_k():
+    rel_norm = torch.tensor([0.0, 1.0, 0.5])
+    attention = torch.tensor([1.0, 0.0, 0.5])
+    assert torch.allclose(sstoken_score(rel_norm, attention, 0.25), torch.tensor([0.75, 0.25, 0.5]))
+    assert torch.equal(sstoken_score(rel_norm, None, 1.0), rel_norm)
+    assert torch.equal(sstoken_score(None, attention, 0.0), attention)
+    with pytest.raises(ValueError, match="REL"):
+        sstoken_score(None, attention, 0.5)
+
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.3, 0.8, 0.2, 0.7, 0.6])
+    seq = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    keep = per_sequence_top_k(scores, seq, 0.6)
+    # Sequence 0: 5 tokens -> 3 kept (0.9, then the two 0.5s); sequence 1: 4 tokens -> round(2.4) = 2 kept.
+    assert keep.tolist() == [False, True, True, True, False, True, False, True, False]
+    valid = torch.tensor([True, False, True, True, True, True, True, True, True])
+    keep = per_sequence_top_k(scores, seq, 0.5, valid)
+    # Sequence 0 has 4 valid tokens -> 2 kept; equal scores go to the lower index.
+    assert keep.tolist() == [False, False, True, True, False, True, False, True, False]
+
+
+def test_sstoken_selector_components_warmup_and_metrics():
+    # Sequence 0: 4 tokens, sequence 1: 2 tokens. REL from NLL: history NLL - current NLL.
+    signals = make_signals(
+        student_log_prob=[-1.0, -1.0, -1.0, -1.0, -1.0, -1.0], loss=[0.0] * 6, seq_idx=[0, 0, 0, 0, 1, 1]
+    )
+    extras = {
+        "history_nll": torch.tensor([1.0, 3.0, 2.0, 1.5, 1.0, 0.0]),  # REL = [0, 2, 1, 0.5, 0, -1]
+        "prompt_attention": torch.tensor([0.9, 0.1, 0.2, 0.8, 0.1, 0.9]),
+    }
+    quadrant = [3, 1, 3, 4, 3, 2]
+    rel_only = SSToken(keep_ratio=0.5, gamma=1.0, loss="nll")
+    assert rel_only.requires == {"history_nll"}
+    keep = rel_only(signals, make_context(quadrant, extras))
+    assert keep.tolist() == [False, True, True, False, True, False]
+    attn_only = SSToken(keep_ratio=0.5, gamma=0.0)
+    assert attn_only.requires == {"prompt_attention"}
+    assert attn_only(signals, make_context(quadrant, extras)).tolist() == [True, False, False, True, False, True]
+    # Combined, gamma = 0.5: REL_norm = [0, 1, .5, .25 | 1, 0]; score = [.45, .55, .35, .525 | .55, .45].
+    both = SSToken(keep_ratio=0.5, gamma=0.5, loss="nll", warmup_steps=2)
+    assert both.requires == {"history_nll", "prompt_attention"}
+    assert both(signals, make_context(quadrant, extras, step=5)).tolist() == [False, True, False, True, True, False]
+    # During warm-up the attention alone decides.
+    assert both(signals, make_context(quadrant, extras, step=1)).tolist() == [True, False, False, True, False, True]
+    metrics = both.compute_metrics()
+    assert metrics["sstoken/rel_mean"] == pytest.approx(2.5 / 6)
+    assert metrics["sstoken/attn_mean"] == pytest.approx(3.0 / 6)
+    # Kept tokens of the two calls: [1, 3, 4] then [0, 3, 5]; Q3 among them: 4 and 0.
+    assert metrics["sstoken/overlap_q3"] == pytest.approx(2 / 6)
+    assert both.compute_metrics() == {"sstoken/overlap_q3": 0.0}  # reset after compute
+    both(signals, make_context(quadrant, extras, training=False))
+    assert both.compute_metrics() == {"sstoken/overlap_q3": 0.0}  # evaluation does not accumulate
+    with pytest.raises(ValueError, match="history_nll"):
+        rel_only(signals, make_context(quadrant, {}))
+
+
+def test_intersect_and_union_compose_selectors():
+    signals = make_signals([0.0] * 4, [0.0] * 4, [0, 0, 0, 0])
+    quadrant = [3, 3, 1, 4]
+    extras = {"prompt_attention": torch.tensor([0.9, 0.1, 0.8, 0.2])}
+    sstoken = SSToken(keep_ratio=0.5, gamma=0.0)
+    q3 = QuadrantSubset(["Q3"])
+    inter, union = Intersect(sstoken, q3), Union(sstoken, q3)
+    assert inter.requires == {"prompt_attention"} and union.requires == {"prompt_attention"}
+    assert inter(signals, make_context(quadrant, extras)).tolist() == [True, False, False, False]
+    assert union(signals, make_context(quadrant, extras)).tolist() == [True, True, True, False]
+    assert "sstoken/attn_mean" in union.compute_metrics()
+    assert set(union.state_dict()) == {"first"}
+    with pytest.raises(TypeError, match="callable"):
+        Intersect(sstoken, 3)
+
+
+# ----------------------------------------------------------------------------- attention score
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_prompt_attention_equals_eager_reference(arch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cls_config, cls_model = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    config = cls_config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    model = cls_model(config).eval()
+    ids = torch.randint(1, 50, (3, 11))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, :1] = 0
+    attention_mask[0, 9:] = 0  # right padding after an early EOS
+    prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
+    prompt_mask[:, :5] = True
+    prompt_mask &= attention_mask.bool()
+    seq_idx, query_pos = (attention_mask[:, 5:] == 1).nonzero(as_tuple=True)
+    query_pos = query_pos + 5
+    with torch.no_grad(), capture_last_attention_inputs(model) as captured:
+        model(input_ids=ids, attention_mask=attention_mask)
+    mass = prompt_attention_mass(captured, attention_mask, prompt_mask, seq_idx, query_pos, chunk_size=2)
+
+    # Same weights, eager attention that materialises the weights of every layer.
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = model(input_ids=ids, attention_mask=attention_mask, output_attentions=True).attentions[-1]
+    reference = (attentions[seq_idx, :, query_pos, :] * prompt_mask[seq_idx][:, None, :]).sum(-1).mean(-1)
+    assert torch.allclose(mass, reference, atol=1e-5)
+    assert mass.min() > 0 and mass.max() <= 1
+
+
+def test_prompt_mass_from_qk_by_hand():
+    # One head, two keys with scores 0 and ln 3 -> softmax [1/4, 3/4]; the prompt is the first key.
+    query = torch.tensor([[[1.0]]])
+    key = torch.tensor([[[0.0], [math.log(3)]]])
+    allowed = torch.tensor([[True, True]])
+    got = prompt_mass_from_qk(query, key, allowed, torch.tensor([True, False]), scaling=1.0)
+    assert torch.allclose(got, torch.tensor([0.25]))
+    # A masked key takes no mass.
+    got = prompt_mass_from_qk(query, key, torch.tensor([[True, False]]), torch.tensor([True, False]), scaling=1.0)
+    assert torch.allclose(got, torch.tensor([1.0]))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_validation(tmp_path):
+    args = base_args(tmp_path)
+    assert args.keep_ratio == 0.6
+    assert (args.sstoken_gamma, args.sstoken_loss, args.sstoken_history) == (0.5, "divergence", "ema")
+    assert (args.sstoken_ema_decay, args.sstoken_ema_update_interval, args.sstoken_history_device) == (0.9, 1, "same")
+    assert base_args(tmp_path, token_selection="tip").keep_ratio == 0.5
+    assert isinstance(build_selector(args), SSToken)
+    with pytest.raises(ValueError, match="sstoken_gamma"):
+        base_args(tmp_path, token_selection="tip", sstoken_gamma=0.5)
+    with pytest.raises(ValueError, match="sstoken_loss.*allowed values: nll, divergence"):
+        base_args(tmp_path, sstoken_loss="kl")
+    with pytest.raises(ValueError, match="sstoken_history.*allowed values: ema, fixed"):
+        base_args(tmp_path, sstoken_history="old")
+    with pytest.raises(ValueError, match="sstoken_history_device.*allowed values: same, cpu"):
+        base_args(tmp_path, sstoken_history_device="disk")
+    with pytest.raises(ValueError, match="sstoken_gamma must be in"):
+        base_args(tmp_path, sstoken_gamma=1.5)
+    with pytest.raises(ValueError, match="sstoken_ema_decay"):
+        base_args(tmp_path, sstoken_ema_decay=1.0)
+    with pytest.raises(ValueError, match="sstoken_ema_update_interval"):
+        base_args(tmp_path, sstoken_ema_update_interval=0)
+    with pytest.raises(ValueError, match="sstoken_warmup_steps"):
+        base_args(tmp_path, sstoken_warmup_steps=-1)
+    with pytest.raises(ValueError, match="sstoken_ema_decay are not used with sstoken_history='fixed'"):
+        base_args(tmp_path, sstoken_history="fixed", sstoken_ema_decay=0.5)
+    with pytest.raises(ValueError, match="sstoken_loss are not used with sstoken_gamma=0"):
+        base_args(tmp_path, sstoken_gamma=0.0, sstoken_loss="nll")
+    attention_only = base_args(tmp_path, sstoken_gamma=0.0)
+    assert build_selector(attention_only).requires == {"prompt_attention"}
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@pytest.fixture(scope="module")
+def toy():
+    tokenizer = make_tokenizer()
+    return tokenizer, arithmetic_dataset(32, seed=0)
+
+
+class RecordingTrainer(TIPTrainer):
+    """Records the selection of every training micro-batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def select_tokens(self, signals, extras=None, training=True):
+        out = super().select_tokens(signals, extras, training)
+        if training:
+            extras = {k: v.clone() for k, v in (extras or {}).items()}
+            self.records.append((self.state.global_step, out[0].clone(), extras))
+        return out
+
+
+def test_end_to_end_train_logs_sstoken_and_tip_metrics(tmp_path, toy):
+    tokenizer, dataset = toy
+    args = base_args(tmp_path, max_steps=3, sstoken_warmup_steps=1, sstoken_loss="nll", learning_rate=1e-2)
+    trainer = TIPTrainer(
+        model=make_model(tokenizer, 32, 1, seed=2),
+        teacher_model=make_model(tokenizer, 64, 2, seed=1),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert any(isinstance(cb, HistoryEMACallback) for cb in trainer.callback_handler.callbacks)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3
+    for log in logs:
+        for key in ("sstoken/rel_mean", "sstoken/attn_mean", "sstoken/overlap_q3", "tip/kept_frac", "tip/q3/frac"):
+            assert key in log and math.isfinite(log[key])
+        assert 0 < log["sstoken/attn_mean"] <= 1 and 0 <= log["sstoken/overlap_q3"] <= 1
+        assert 0.5 <= log["tip/kept_frac"] <= 0.8  # 60% per sequence, rounded per sequence
+    assert trainer.sstoken_history.num_updates == 3
+    # The history lags behind the trained student: its NLL on the student's samples is higher on average.
+    assert logs[-1]["sstoken/rel_mean"] > 0
+
+
+def test_trainer_with_lora_student_keeps_adapter_only_history(tmp_path, toy):
+    from peft import LoraConfig
+
+    tokenizer, dataset = toy
+    args = base_args(tmp_path, max_steps=1, sstoken_history="fixed", sstoken_history_device="cpu")
+    trainer = TIPTrainer(
+        model=make_model(tokenizer, 32, 1, seed=2),
+        teacher_model=make_model(tokenizer, 32, 1, seed=1),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert not any(isinstance(cb, HistoryEMACallback) for cb in trainer.callback_handler.callbacks)
+    history = trainer.sstoken_history
+    assert all("lora_" in name for name in history.shadow)
+    assert all(t.device.type == "cpu" for t in history.shadow.values())
+    trainer.train()
+    assert "sstoken/rel_mean" in trainer.state.log_history[0]
+
+
+def test_trainer_runs_a_combined_custom_selector(tmp_path, toy):
+    tokenizer, dataset = toy
+    selector = Intersect(SSToken(keep_ratio=0.6, gamma=1.0, loss="nll"), QuadrantSubset(["Q1", "Q3"]))
+    trainer = TIPTrainer(
+        model=make_model(tokenizer, 32, 1, seed=2),
+        teacher_model=make_model(tokenizer, 32, 1, seed=1),
+        args=base_args(tmp_path, token_selection="all", max_steps=1),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        selector=selector,
+    )
+    # The history model is built for any selector that requires it, with the documented defaults.
+    assert trainer.sstoken_history is not None and trainer.sstoken_history.decay == 0.9
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["tip/q2/kept_frac"] == 0 and log["tip/q4/kept_frac"] == 0
+    assert 0 < log["tip/kept_frac"] < 0.6
+    assert "sstoken/rel_mean" in log and "sstoken/attn_mean" not in log
+
+
+def test_trainer_rejects_unknown_requirement(tmp_path, toy):
+    tokenizer, dataset = toy
+
+    class Needy:
+        requires = frozenset({"teacher_attention"})
+
+        def __call__(self, signals, context):
+            return signals.finite
+
+    with pytest.raises(ValueError, match="teacher_attention"):
+        TIPTrainer(
+            model=make_model(tokenizer, 32, 1, seed=2),
+            teacher_model=make_model(tokenizer, 32, 1, seed=1),
+            args=base_args(tmp_path, token_selection="all"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            selector=Needy(),
+        )
+
+
+def test_resume_makes_the_same_selections(tmp_path, toy):
+    tokenizer, dataset = toy
+
+    def run(output_dir, resume=None):
+        args = base_args(
+            output_dir,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=2e-2,
+            sstoken_ema_decay=0.5,
+            sstoken_loss="divergence",
+            full_determinism=True,
+        )
+        trainer = RecordingTrainer(
+            model=make_model(tokenizer, 32, 1, seed=2),
+            teacher_model=make_model(tokenizer, 32, 1, seed=1),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "sstoken_history.pt").is_file()
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    tail = [r for r in full.records if r[0] >= 2]
+    assert [r[0] for r in resumed.records] == [r[0] for r in tail] == [2, 3]
+    for (_, w_full, x_full), (_, w_res, x_res) in zip(tail, resumed.records):
+        assert torch.equal(w_full, w_res)
+        assert torch.allclose(x_full["history_divergence"], x_res["history_divergence"], rtol=0, atol=1e-6)
+        assert torch.allclose(x_full["prompt_attention"], x_res["prompt_attention"], rtol=0, atol=1e-6)
+
+    def tail_logs(trainer, key):
+        return [(log["step"], log[key]) for log in trainer.state.log_history if key in log and log["step"] > 2]
+
+    assert len(tail_logs(full, "loss")) == 2
+    for key in ("loss", "sstoken/rel_mean", "sstoken/attn_mean", "sstoken/overlap_q3", "tip/q3/kept_frac"):
+        assert tail_logs(resumed, key) == tail_logs(full, key)
+
+    # Without the saved history the resumed run's history model differs: the check above can fail.
+    broken = tmp_path / "broken-checkpoint"
+    shutil.copytree(checkpoint, broken)
+    os.remove(broken / "sstoken_history.pt")
+    other = run(tmp_path / "other", resume=str(broken))
+    assert not torch.allclose(other.records[0][2]["history_divergence"], tail[0][2]["history_divergence"])
+
+
+def test_per_sequence_top_k_properties():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from trl_tip.selection import budget
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 3), st.floats(-5, 5), st.booleans()), min_size=1, max_size=40),
+        st.floats(0.05, 1.0),
+    )
+    def check(rows, keep_ratio):
+        seq = torch.tensor([r[0] for r in rows])
+        scores = torch.tensor([r[1] for r in rows])
+        valid = torch.tensor([r[2] for r in rows])
+        keep = per_sequence_top_k(scores, seq, keep_ratio, valid)
+        assert not (keep & ~valid).any()
+        for s in seq.unique().tolist():
+            in_seq = (seq == s) & valid
+            assert int((keep & in_seq).sum()) == budget(int(in_seq.sum()), keep_ratio)
+            kept, dropped = scores[keep & in_seq], scores[~keep & in_seq]
+            if kept.numel() and dropped.numel():
+                assert kept.min() >= dropped.max()
+
+    check()

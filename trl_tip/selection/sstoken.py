@@ -1,0 +1,342 @@
+"""ssToken selection: retrospective excess loss against a history model plus prompt attention, top-k per sequence.
+
+The pure tensor functions (per-sequence min–max normalisation, the combined score, per-sequence top-k) are tested in
+isolation; [`SSToken`] puts them together as a selector. It reads two per-token inputs that the trainer computes only
+because the selector asks for them in `requires`: the history model's per-token loss (`history_nll` or
+`history_divergence`) and the prompt attention mass (`prompt_attention`), both passed in `SelectionContext.extras`.
+[`Intersect`] and [`Union`] combine any two selectors (e.g. ssToken with a quadrant rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..signals import TokenSignals
+from .base import SelectionContext, budget, validate_selection
+
+
+__all__ = [
+    "PROMPT_ATTENTION",
+    "SSTOKEN_LOSSES",
+    "Intersect",
+    "SSToken",
+    "Union",
+    "history_requirement",
+    "per_sequence_minmax",
+    "per_sequence_top_k",
+    "retrospective_excess_loss",
+    "sstoken_score",
+]
+
+SSTOKEN_LOSSES = ("nll", "divergence")
+PROMPT_ATTENTION = "prompt_attention"
+
+
+def history_requirement(loss: str) -> str:
+    """Name of the extra signal holding the history model's per-token loss of kind `loss` (`nll` or `divergence`)."""
+    if loss not in SSTOKEN_LOSSES:
+        raise ValueError(f"sstoken_loss={loss!r} is unknown; allowed values: {', '.join(SSTOKEN_LOSSES)}.")
+    return f"history_{loss}"
+
+
+def retrospective_excess_loss(history_loss: torch.Tensor, current_loss: torch.Tensor) -> torch.Tensor:
+    """REL = L_his − L_cur: positive where the current model does better than the history model on the token.
+
+    Args:
+        history_loss (`torch.Tensor`): Per-token loss of the history model, shape `(N,)`.
+        current_loss (`torch.Tensor`): Per-token loss of the current model, shape `(N,)`.
+
+    Returns:
+        `torch.Tensor`: Float32 tensor of shape `(N,)`.
+    """
+    if history_loss.shape != current_loss.shape:
+        raise ValueError(
+            f"history_loss and current_loss must have the same shape, got {tuple(history_loss.shape)} and "
+            f"{tuple(current_loss.shape)}."
+        )
+    return history_loss.float() - current_loss.float()
+
+
+def per_sequence_minmax(
+    values: torch.Tensor, seq_idx: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Min–max normalises `values` within each sequence to `[0, 1]`.
+
+    Within a sequence, `(v - min) / (max - min)` over its valid positions. A sequence whose valid values are all
+    equal maps to 0; invalid positions (and non-finite values) map to 0 and do not enter the min and max.
+
+    Args:
+        values (`torch.Tensor`): Values of shape `(N,)`.
+        seq_idx (`torch.Tensor`): Sequence of each position, shape `(N,)`, non-negative integers.
+        valid (`torch.Tensor`, *optional*): Boolean mask of the positions to normalise (all finite ones if `None`).
+
+    Returns:
+        `torch.Tensor`: Float32 tensor of shape `(N,)` in `[0, 1]`.
+    """
+    values = values.float()
+    ok = torch.isfinite(values) if valid is None else valid & torch.isfinite(values)
+    if values.numel() == 0:
+        return values.clone()
+    num_seq = int(seq_idx.max()) + 1
+    seq_idx = seq_idx.long()
+    low = torch.full((num_seq,), float("inf"), device=values.device)
+    high = torch.full((num_seq,), float("-inf"), device=values.device)
+    low = low.scatter_reduce(0, seq_idx[ok], values[ok], reduce="amin")
+    high = high.scatter_reduce(0, seq_idx[ok], values[ok], reduce="amax")
+    span = (high - low)[seq_idx]
+    shifted = values - low[seq_idx]
+    out = torch.where(span > 0, shifted / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(values))
+    return torch.where(ok, out, torch.zeros_like(out))
+
+
+def sstoken_score(rel_norm: torch.Tensor | None, attention: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """score = gamma * REL_norm + (1 - gamma) * attention; a term with weight 0 may be `None`.
+
+    Args:
+        rel_norm (`torch.Tensor`, *optional*): Normalised REL, shape `(N,)`; needed when `gamma > 0`.
+        attention (`torch.Tensor`, *optional*): Prompt attention mass, shape `(N,)`; needed when `gamma < 1`.
+        gamma (`float`): Weight of the REL term, in `[0, 1]`.
+
+    Returns:
+        `torch.Tensor`: Float32 score of shape `(N,)`.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+    if gamma > 0 and rel_norm is None:
+        raise ValueError(f"gamma={gamma} > 0 needs the normalised REL.")
+    if gamma < 1 and attention is None:
+        raise ValueError(f"gamma={gamma} < 1 needs the prompt attention.")
+    score = None
+    if gamma > 0:
+        score = gamma * rel_norm.float()
+    if gamma < 1:
+        term = (1.0 - gamma) * attention.float()
+        score = term if score is None else score + term
+    return score
+
+
+def per_sequence_top_k(
+    scores: torch.Tensor, seq_idx: torch.Tensor, keep_ratio: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keeps the `keep_ratio` highest-scored valid positions of each sequence.
+
+    A sequence with `n` valid positions keeps `round_half_up(keep_ratio * n)` of them (see [`budget`]); equal scores
+    are broken by the lower index.
+
+    Args:
+        scores (`torch.Tensor`): Scores of shape `(N,)`.
+        seq_idx (`torch.Tensor`): Sequence of each position, shape `(N,)`.
+        keep_ratio (`float`): Kept share per sequence, in `(0, 1]`.
+        valid (`torch.Tensor`, *optional*): Boolean mask of the candidate positions (all if `None`).
+
+    Returns:
+        `torch.Tensor`: Boolean keep-mask of shape `(N,)`.
+    """
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+    n = scores.numel()
+    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if n == 0:
+        return keep
+    valid = torch.ones(n, dtype=torch.bool, device=scores.device) if valid is None else valid
+    idx = valid.nonzero(as_tuple=True)[0]
+    if idx.numel() == 0:
+        return keep
+    seq = seq_idx[idx].long()
+    # Highest score first (ties: lower index first), then grouped by sequence keeping that order.
+    order = torch.sort(scores[idx].float(), descending=True, stable=True).indices
+    order = order[torch.sort(seq[order], stable=True).indices]
+    seq_sorted = seq[order]
+    counts = torch.bincount(seq_sorted)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=scores.device) - starts[seq_sorted]
+    quota = torch.tensor([budget(int(c), keep_ratio) for c in counts.tolist()], device=scores.device)
+    keep[idx[order[rank < quota[seq_sorted]]]] = True
+    return keep
+
+
+class SSToken:
+    """ssToken: keep the top `keep_ratio` tokens of each sequence by `gamma * REL_norm + (1 - gamma) * attention`.
+
+    REL is the retrospective excess loss `L_his − L_cur` of each token (history model minus current student),
+    min–max normalised per sequence; `attention` is the attention mass the token puts on the prompt in the student's
+    last layer, averaged over heads. With `loss="nll"` the per-token loss is the negative log-likelihood of the
+    sampled token; with `loss="divergence"` it is the token's distillation loss to the teacher (the generalized JSD
+    with GKD's `beta`). During the first `warmup_steps` optimizer steps the attention score alone is used.
+
+    The selector declares in `requires` which extra per-token inputs it reads from `SelectionContext.extras`;
+    `TIPTrainer` computes only those. It also accumulates its own `sstoken/...` metrics while `context.training`.
+
+    Args:
+        keep_ratio (`float`, *optional*, defaults to `0.6`): Kept share of each sequence's tokens, in `(0, 1]`.
+        gamma (`float`, *optional*, defaults to `0.5`): Weight of REL; `1` is REL only, `0` attention only.
+        loss (`str`, *optional*, defaults to `"divergence"`): Per-token loss of REL, `"nll"` or `"divergence"`.
+        warmup_steps (`int`, *optional*, defaults to `0`): Steps during which only the attention score is used.
+    """
+
+    def __init__(self, keep_ratio: float = 0.6, gamma: float = 0.5, loss: str = "divergence", warmup_steps: int = 0):
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        self.keep_ratio = float(keep_ratio)
+        self.gamma = float(gamma)
+        self.loss = loss
+        self.warmup_steps = int(warmup_steps)
+        requires = set()
+        if self.gamma > 0:
+            requires.add(history_requirement(loss))
+        if self.gamma < 1 or self.warmup_steps > 0:
+            requires.add(PROMPT_ATTENTION)
+        self.requires = frozenset(requires)
+        self.reset_metrics()
+
+    # -------------------------------------------------------------- selection
+
+    def current_loss(self, signals: TokenSignals) -> torch.Tensor:
+        """The current student's per-token loss of the kind REL uses."""
+        return -signals.student_log_prob if self.loss == "nll" else signals.loss
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        extras = context.extras
+        missing = sorted(name for name in self.requires if name not in extras)
+        if missing:
+            raise ValueError(
+                f"{self!r} needs the extra signals {', '.join(missing)} in SelectionContext.extras; TIPTrainer "
+                "computes what a selector lists in `requires`."
+            )
+        finite = signals.finite
+        rel = rel_norm = attention = None
+        if self.gamma > 0:
+            rel = retrospective_excess_loss(extras[history_requirement(self.loss)], self.current_loss(signals))
+            rel_norm = per_sequence_minmax(rel, signals.seq_idx, finite)
+        if PROMPT_ATTENTION in self.requires:
+            attention = extras[PROMPT_ATTENTION].float()
+        gamma = 0.0 if context.global_step < self.warmup_steps else self.gamma
+        score = sstoken_score(rel_norm, attention, gamma)
+        valid = finite & torch.isfinite(score)
+        keep = per_sequence_top_k(score, signals.seq_idx, self.keep_ratio, valid)
+        if context.training:
+            self._accumulate(rel, attention, keep, context.quadrant, valid)
+        return keep
+
+    # -------------------------------------------------------------- metrics
+
+    def reset_metrics(self) -> None:
+        """Forgets the sums accumulated since the last logging step."""
+        # rel_sum, rel_count, attn_sum, attn_count, kept, kept_q3
+        self._sums = torch.zeros(6, dtype=torch.float64)
+
+    @torch.no_grad()
+    def _accumulate(self, rel, attention, keep, quadrant, valid) -> None:
+        sums = torch.zeros(6, dtype=torch.float64, device=keep.device)
+        if rel is not None:
+            ok = valid & torch.isfinite(rel)
+            sums[0], sums[1] = rel[ok].double().sum(), ok.sum()
+        if attention is not None:
+            ok = valid & torch.isfinite(attention)
+            sums[2], sums[3] = attention[ok].double().sum(), ok.sum()
+        sums[4] = keep.sum()
+        sums[5] = (keep & (quadrant.to(keep.device) == 3)).sum()
+        if self._sums.device != sums.device:
+            self._sums = self._sums.to(sums.device)
+        self._sums += sums
+
+    def compute_metrics(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """The `sstoken/...` metrics since the last call, summed over processes with `reduce_sum`, then reset.
+
+        Token means weight every token of every step and process equally. A mean over no token is not reported
+        (e.g. `sstoken/rel_mean` with `gamma=0`).
+
+        Returns:
+            `dict[str, float]`: `sstoken/rel_mean` (raw REL), `sstoken/attn_mean`, `sstoken/overlap_q3` (share of the
+            tokens ssToken kept that are Q3).
+        """
+        sums = self._sums if reduce_sum is None else reduce_sum(self._sums)
+        rel_sum, rel_n, attn_sum, attn_n, kept, kept_q3 = sums.double().cpu().tolist()
+        metrics = {}
+        if rel_n > 0:
+            metrics["sstoken/rel_mean"] = rel_sum / rel_n
+        if attn_n > 0:
+            metrics["sstoken/attn_mean"] = attn_sum / attn_n
+        metrics["sstoken/overlap_q3"] = kept_q3 / kept if kept > 0 else 0.0
+        self.reset_metrics()
+        return metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Metric sums not yet logged (saved in checkpoints so that a resumed run logs the same values)."""
+        return {"sums": self._sums.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores what [`state_dict`] returned."""
+        self._sums = state["sums"].to(torch.float64)
+
+    def __repr__(self) -> str:
+        return (
+            f"SSToken(keep_ratio={self.keep_ratio}, gamma={self.gamma}, loss={self.loss!r}, "
+            f"warmup_steps={self.warmup_steps})"
+        )
+
+
+class _Combine:
+    """Runs two selectors and combines their keep-masks (weight > 0 means kept)."""
+
+    op_name = ""
+
+    def __init__(self, first: Callable, second: Callable):
+        for name, selector in (("first", first), ("second", second)):
+            if not callable(selector):
+                raise TypeError(f"{type(self).__name__}: {name} selector must be callable, got {selector!r}.")
+        self.first, self.second = first, second
+        self.requires = frozenset(getattr(first, "requires", ())) | frozenset(getattr(second, "requires", ()))
+
+    def _masks(self, signals: TokenSignals, context: SelectionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(signals)
+        a = validate_selection(self.first(signals, context), n, name=repr(self.first)) > 0
+        b = validate_selection(self.second(signals, context), n, name=repr(self.second)) > 0
+        return a, b
+
+    def compute_metrics(self, reduce_sum=None) -> dict[str, float]:
+        """Metrics of the parts that report some (every process must call it at the same time)."""
+        metrics = {}
+        for part in (self.first, self.second):
+            if hasattr(part, "compute_metrics"):
+                metrics.update(part.compute_metrics(reduce_sum))
+        return metrics
+
+    def state_dict(self) -> dict:
+        """State of the parts that have one."""
+        return {
+            key: part.state_dict()
+            for key, part in (("first", self.first), ("second", self.second))
+            if hasattr(part, "state_dict")
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what [`state_dict`] returned."""
+        for key, part in (("first", self.first), ("second", self.second)):
+            if key in state and hasattr(part, "load_state_dict"):
+                part.load_state_dict(state[key])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.first!r}, {self.second!r})"
+
+
+class Intersect(_Combine):
+    """Keeps the tokens both selectors keep, e.g. `Intersect(SSToken(), QuadrantSubset(["Q3"]))`."""
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        a, b = self._masks(signals, context)
+        return a & b
+
+
+class Union(_Combine):
+    """Keeps the tokens either selector keeps, e.g. `Union(SSToken(), QuadrantSubset(["Q3"]))`."""
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        a, b = self._masks(signals, context)
+        return a | b
