@@ -17,6 +17,7 @@ from trl.models.utils import unwrap_model_for_generation
 from ._compat import GKDTrainer
 from .config import TIPConfig
 from .loss import OutputHead, kept_token_jsd
+from .models import init_kwargs_are_quantized, load_causal_lm, prepare_quantized_student
 from .selection import SelectionContext, TokenSelector, assign_quadrants, build_selector, validate_selection
 from .signals import TokenSignals, compute_token_signals
 from .stats import TIPStatistics
@@ -77,6 +78,12 @@ class TIPTrainer(GKDTrainer):
             A custom selection rule; replaces the one named by `args.token_selection`. It is called with the
             [`TokenSignals`] of the eligible tokens and a [`SelectionContext`] and returns a boolean keep-mask or
             non-negative weights of shape `(N,)`.
+        quantization_config (`transformers.BitsAndBytesConfig`, *optional*):
+            Quantization of a student given as a model id or path (as in `SFTTrainer`); it can also be set in
+            `args.model_init_kwargs["quantization_config"]`. A 4-bit or 8-bit student needs a `peft_config`: it is
+            prepared with PEFT's `prepare_model_for_kbit_training` before the adapter is added.
+        teacher_quantization_config (`transformers.BitsAndBytesConfig`, *optional*):
+            Quantization of a teacher given as a model id or path (or `args.teacher_model_init_kwargs`).
     """
 
     _tag_names = ["trl", "gkd", "trl-tip"]
@@ -100,6 +107,8 @@ class TIPTrainer(GKDTrainer):
         peft_config: Any = None,
         formatting_func: Callable | None = None,
         selector: TokenSelector | None = None,
+        quantization_config: Any = None,
+        teacher_quantization_config: Any = None,
     ):
         if args is None:
             raise ValueError("TIPTrainer needs `args`, a TIPConfig (e.g. TIPConfig(output_dir='out')).")
@@ -109,26 +118,80 @@ class TIPTrainer(GKDTrainer):
             )
         if selector is not None and not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
-        super().__init__(
-            model=model,
-            teacher_model=teacher_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
+        model, teacher_model = self._load_models(
+            model, teacher_model, args, peft_config, quantization_config, teacher_quantization_config
         )
+        # The models are instantiated now: GKD/SFT must not see the init kwargs again (they would warn or raise).
+        init_kwargs = (args.model_init_kwargs, args.teacher_model_init_kwargs)
+        args.model_init_kwargs = args.teacher_model_init_kwargs = None
+        try:
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        finally:
+            args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
         self.selector: TokenSelector = selector if selector is not None else build_selector(args)
         self.tip_statistics = TIPStatistics(self.accelerator.device)
         self._tip_last_logged_step = 0
         self._tip_micro_step = (-1, 0)
         self._supports_logits_to_keep: dict[int, bool] = {}
+
+    # ------------------------------------------------------------------ models
+
+    @staticmethod
+    def _load_models(model, teacher_model, args, peft_config, quantization_config, teacher_quantization_config):
+        """Loads a student / teacher given as id or path, checks and prepares a quantized student (QLoRA)."""
+        if isinstance(model, str):
+            init_kwargs = dict(args.model_init_kwargs or {})
+            if peft_config is None and (
+                init_kwargs_are_quantized(init_kwargs)
+                or init_kwargs_are_quantized({"quantization_config": quantization_config})
+            ):
+                raise ValueError(
+                    f"The student {model!r} is to be loaded in 4 or 8 bits, and a quantized model cannot be fully "
+                    "fine-tuned (its quantized weights get no gradients). Pass a peft_config (e.g. "
+                    "peft.LoraConfig(target_modules='all-linear'), or --use_peft in the CLI), or load it unquantized."
+                )
+            model = load_causal_lm(model, init_kwargs, quantization_config, args.trust_remote_code, role="student")
+        elif quantization_config is not None or args.model_init_kwargs is not None:
+            raise ValueError(
+                "quantization_config and args.model_init_kwargs apply to a student given as a model id or path; the "
+                "student is already instantiated. Load it with the options you want, or pass its id or path."
+            )
+        if model is not None:
+            model = prepare_quantized_student(
+                model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs
+            )
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if isinstance(teacher_model, str):
+            teacher_model = load_causal_lm(
+                teacher_model,
+                args.teacher_model_init_kwargs,
+                teacher_quantization_config,
+                args.trust_remote_code,
+                role="teacher",
+            )
+        elif teacher_quantization_config is not None or args.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                "teacher_quantization_config and args.teacher_model_init_kwargs apply to a teacher given as a model id "
+                "or path; the teacher is already instantiated."
+            )
+        if teacher_model is None:
+            raise ValueError("TIPTrainer needs a teacher: pass teacher_model or set args.teacher_model_name_or_path.")
+        return model, teacher_model
 
     # ------------------------------------------------------------------ generation & token counts
 
