@@ -132,6 +132,11 @@ def test_qlora_student_trains_with_generation(tmp_path, tokenizer, student_dir, 
     assert base.is_gradient_checkpointing == gradient_checkpointing
     assert args.model_init_kwargs["quantization_config"] == NF4  # the user's kwargs are left as given
     before = _lora_state(trainer.model)
+    # An eval-mode forward first (as evaluation does): bitsandbytes must not repack the weights for CPU inference,
+    # which would break the training forwards that follow on AVX512-BF16 CPUs.
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(**tokenizer(["<|user|>1+2<|end|><|assistant|>"], return_tensors="pt"))
     counter = _CountGenerations(trainer)
     trainer.train()
     assert counter.calls == 2

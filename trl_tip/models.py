@@ -234,7 +234,10 @@ def prepare_quantized_student(
         from peft import PeftModel
 
         is_peft_model = isinstance(model, PeftModel)
-    if not is_quantized(model) or is_peft_model:
+    if not is_quantized(model):
+        return model
+    _disable_cpu_inference_repacking(model)
+    if is_peft_model:
         return model
     bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8
     if peft_config is None:
@@ -250,7 +253,6 @@ def prepare_quantized_student(
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
     )
-    _disable_cpu_inference_repacking(model)
     return model
 
 
