@@ -112,3 +112,21 @@ def test_cli_missing_teacher_is_an_error(tiny_models, tmp_path):
     argv = ["train", "--model_name_or_path", str(tiny_models / "student"), "--dataset_name", "x.jsonl"]
     with pytest.raises(ValueError, match="teacher_model_name_or_path"):
         main([*argv, "--output_dir", str(tmp_path), *CPU])
+
+
+def test_quantization_configs_from_model_args():
+    import torch
+
+    args = TIPModelConfig(load_in_4bit=True, dtype="bfloat16", use_bnb_nested_quant=True, teacher_load_in_8bit=True)
+    student = get_quantization_config(args)
+    assert student.load_in_4bit and student.bnb_4bit_quant_type == "nf4" and student.bnb_4bit_use_double_quant
+    assert student.bnb_4bit_compute_dtype == torch.bfloat16  # TRL's convention: compute in the model dtype
+    assert get_quantization_config(args, teacher=True).load_in_8bit
+    args = TIPModelConfig(teacher_load_in_4bit=True, dtype="auto", bnb_4bit_compute_dtype="float16")
+    assert get_quantization_config(args) is None
+    teacher = get_quantization_config(args, teacher=True)
+    assert teacher.load_in_4bit and teacher.bnb_4bit_compute_dtype == torch.float16
+    with pytest.raises(ValueError, match="teacher_load_in_4bit and teacher_load_in_8bit"):
+        TIPModelConfig(teacher_load_in_4bit=True, teacher_load_in_8bit=True)
+    with pytest.raises(ValueError, match="bnb_4bit_compute_dtype"):
+        TIPModelConfig(bnb_4bit_compute_dtype="int8")
