@@ -15,7 +15,7 @@ with on-policy generation runs under DDP and the logged `tip/...` metrics of eve
 CPU (gloo):
     python benchmarks/ddp_check.py --reference --out /tmp/ddp
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/ddp_check.py --out /tmp/ddp
-GPU (NCCL), e.g. 2 GPUs:
+GPU (NCCL), e.g. 2 GPUs (the reference run pins itself to the first visible GPU):
     python benchmarks/ddp_check.py --reference --out /tmp/ddp --device cuda
     torchrun --nproc_per_node 2 benchmarks/ddp_check.py --out /tmp/ddp --device cuda
 Exits with status 1 if a check fails.
@@ -148,6 +148,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--train_steps", type=int, default=2, help="steps of the DDP train() check (0: skip)")
     ns = parser.parse_args()
+    if ns.reference and ns.device == "cuda" and "WORLD_SIZE" not in os.environ:
+        # One process must see one GPU: with several, `Trainer` would use nn.DataParallel, which TRL refuses.
+        # Set before CUDA is initialised (importing torch does not initialise it).
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     os.makedirs(ns.out, exist_ok=True)
     torch.manual_seed(0)
     results, ok = {}, True
