@@ -87,13 +87,14 @@ class _CountGenerations:
         trainer.generate_on_policy_outputs = wrapped
 
 
-def test_lora_student_trains_with_generation(tmp_path, tokenizer):
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_lora_student_trains_with_generation(tmp_path, tokenizer, gradient_checkpointing):
     teacher = make_model(tokenizer, 32, 1, seed=1)
     student = make_model(tokenizer, 32, 1, seed=2)
     trainer = TIPTrainer(
         model=student,
         teacher_model=teacher,
-        args=_args(tmp_path),
+        args=_args(tmp_path, gradient_checkpointing=gradient_checkpointing),
         train_dataset=arithmetic_dataset(16),
         processing_class=tokenizer,
         peft_config=_lora(),
@@ -104,6 +105,7 @@ def test_lora_student_trains_with_generation(tmp_path, tokenizer):
     counter = _CountGenerations(trainer)
     trainer.train()
     assert counter.calls == 2
+    assert trainer.model.get_base_model().is_gradient_checkpointing == gradient_checkpointing
     after = _lora_state(trainer.model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     logs = [log for log in trainer.state.log_history if "tip/kept_frac" in log]
