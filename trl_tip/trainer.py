@@ -124,24 +124,22 @@ class TIPTrainer(GKDTrainer):
         # The models are instantiated now: GKD/SFT must not see the init kwargs again (they would warn or raise).
         init_kwargs = (args.model_init_kwargs, args.teacher_model_init_kwargs)
         args.model_init_kwargs = args.teacher_model_init_kwargs = None
-        try:
-            super().__init__(
-                model=model,
-                teacher_model=teacher_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                peft_config=peft_config,
-                formatting_func=formatting_func,
-            )
-        finally:
-            args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
         self.selector: TokenSelector = selector if selector is not None else build_selector(args)
         self.tip_statistics = TIPStatistics(self.accelerator.device)
         self._tip_last_logged_step = 0
