@@ -1,4 +1,4 @@
-"""The `trl-tip` command: `trl-tip demo` (tiny CPU distillation)."""
+"""The `trl-tip` command: `trl-tip demo` (tiny CPU distillation), `trl-tip train` (training from a YAML recipe)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "demo": ("trl_tip.demo", "tiny end-to-end distillation on CPU, prints the Q1-Q4 table"),
+    "train": ("trl_tip.train", "distil a teacher into a student from a YAML recipe (--config) and flags"),
 }
 
 

@@ -21,6 +21,7 @@ from .callbacks import HistoryEMACallback
 from .config import SSTOKEN_DEFAULTS, TIPConfig
 from .history import ModelHistory
 from .loss import OutputHead, kept_token_jsd, token_jsd_with_signals
+from .models import init_kwargs_are_quantized, load_causal_lm, prepare_quantized_student
 from .selection import (
     PROMPT_ATTENTION,
     AllTokens,
@@ -90,6 +91,12 @@ class TIPTrainer(GKDTrainer):
             A custom selection rule; replaces the one named by `args.token_selection`. It is called with the
             [`TokenSignals`] of the eligible tokens and a [`SelectionContext`] and returns a boolean keep-mask or
             non-negative weights of shape `(N,)`.
+        quantization_config (`transformers.BitsAndBytesConfig`, *optional*):
+            Quantization of a student given as a model id or path (as in `SFTTrainer`); it can also be set in
+            `args.model_init_kwargs["quantization_config"]`. A 4-bit or 8-bit student needs a `peft_config`: it is
+            prepared with PEFT's `prepare_model_for_kbit_training` before the adapter is added.
+        teacher_quantization_config (`transformers.BitsAndBytesConfig`, *optional*):
+            Quantization of a teacher given as a model id or path (or `args.teacher_model_init_kwargs`).
     """
 
     _tag_names = ["trl", "gkd", "trl-tip"]
@@ -115,6 +122,8 @@ class TIPTrainer(GKDTrainer):
         peft_config: Any = None,
         formatting_func: Callable | None = None,
         selector: TokenSelector | None = None,
+        quantization_config: Any = None,
+        teacher_quantization_config: Any = None,
     ):
         if args is None:
             raise ValueError("TIPTrainer needs `args`, a TIPConfig (e.g. TIPConfig(output_dir='out')).")
@@ -124,6 +133,12 @@ class TIPTrainer(GKDTrainer):
             )
         if selector is not None and not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
+        model, teacher_model = self._load_models(
+            model, teacher_model, args, peft_config, quantization_config, teacher_quantization_config
+        )
+        # The models are instantiated now: GKD/SFT must not see the init kwargs again (they would warn or raise).
+        init_kwargs = (args.model_init_kwargs, args.teacher_model_init_kwargs)
+        args.model_init_kwargs = args.teacher_model_init_kwargs = None
         super().__init__(
             model=model,
             teacher_model=teacher_model,
@@ -139,6 +154,7 @@ class TIPTrainer(GKDTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
         self.selector: TokenSelector = selector if selector is not None else build_selector(args)
         self.selector_requires = frozenset(getattr(self.selector, "requires", ()))
         unknown = sorted(self.selector_requires - set(self.EXTRA_SIGNALS))
@@ -182,6 +198,51 @@ class TIPTrainer(GKDTrainer):
             self.add_callback(HistoryEMACallback(history, option("sstoken_ema_update_interval")))
         logger.info(f"ssToken history model: {history!r}, {history.nbytes / 2**20:.1f} MiB.")
         return history
+
+    # ------------------------------------------------------------------ models
+
+    @staticmethod
+    def _load_models(model, teacher_model, args, peft_config, quantization_config, teacher_quantization_config):
+        """Loads a student / teacher given as id or path, checks and prepares a quantized student (QLoRA)."""
+        if isinstance(model, str):
+            init_kwargs = dict(args.model_init_kwargs or {})
+            if peft_config is None and (
+                init_kwargs_are_quantized(init_kwargs)
+                or init_kwargs_are_quantized({"quantization_config": quantization_config})
+            ):
+                raise ValueError(
+                    f"The student {model!r} is to be loaded in 4 or 8 bits, and a quantized model cannot be fully "
+                    "fine-tuned (its quantized weights get no gradients). Pass a peft_config (e.g. "
+                    "peft.LoraConfig(target_modules='all-linear'), or --use_peft in the CLI), or load it unquantized."
+                )
+            model = load_causal_lm(model, init_kwargs, quantization_config, args.trust_remote_code, role="student")
+        elif quantization_config is not None or args.model_init_kwargs is not None:
+            raise ValueError(
+                "quantization_config and args.model_init_kwargs apply to a student given as a model id or path; the "
+                "student is already instantiated. Load it with the options you want, or pass its id or path."
+            )
+        if model is not None:
+            model = prepare_quantized_student(
+                model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs
+            )
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if isinstance(teacher_model, str):
+            teacher_model = load_causal_lm(
+                teacher_model,
+                args.teacher_model_init_kwargs,
+                teacher_quantization_config,
+                args.trust_remote_code,
+                role="teacher",
+            )
+        elif teacher_quantization_config is not None or args.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                "teacher_quantization_config and args.teacher_model_init_kwargs apply to a teacher given as a model id "
+                "or path; the teacher is already instantiated."
+            )
+        if teacher_model is None:
+            raise ValueError("TIPTrainer needs a teacher: pass teacher_model or set args.teacher_model_name_or_path.")
+        return model, teacher_model
 
     # ------------------------------------------------------------------ generation & token counts
 

@@ -1,0 +1,222 @@
+"""Multi-process check of TIPTrainer: thresholds, statistics and loss normalisation agree with one process.
+
+Run it once with one process (`--reference`), which computes loss, gradients, thresholds and statistics on a fixed
+batch of 8 conversations, then with several processes, each taking its share of the same rows (shares of unequal
+token counts). Each rank prints its thresholds and its `tip/...` statistics; rank 0 prints the check that
+
+* the thresholds of every rank are equal, and equal to the one-process thresholds (quantiles over all ranks' tokens),
+* the statistics logged by every rank are equal, and equal to the one-process statistics,
+* the mean over ranks of the per-rank losses, and the ranks' gradients averaged as DDP averages them, equal the
+  one-process loss and gradients: the loss is normalised over all ranks' kept tokens,
+
+for rule `all` and for the deterministic rule `quadrants` (Q3, quantile thresholds). Then a short `trainer.train()`
+with on-policy generation runs under DDP and the logged `tip/...` metrics of every rank are compared.
+
+CPU (gloo):
+    python benchmarks/ddp_check.py --reference --out /tmp/ddp
+    python -m torch.distributed.run --nproc_per_node 2 benchmarks/ddp_check.py --out /tmp/ddp
+GPU (NCCL), e.g. 2 GPUs (the reference run pins itself to the first visible GPU):
+    python benchmarks/ddp_check.py --reference --out /tmp/ddp --device cuda
+    torchrun --nproc_per_node 2 benchmarks/ddp_check.py --out /tmp/ddp --device cuda
+Exits with status 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+RULES = {"all": {"token_selection": "all"}, "quadrants_q3": {"token_selection": "quadrants", "quadrants": ["Q3"]}}
+NUM_ROWS = 8
+
+
+def _trainer(rule: str, output_dir: str, device: str, train_steps: int = 0):
+    from trl_tip import TIPConfig, TIPTrainer
+    from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    teacher = make_model(tokenizer, 48, 1, seed=1)
+    student = make_model(tokenizer, 32, 1, seed=2)
+    args = TIPConfig(
+        output_dir=output_dir,
+        use_cpu=device == "cpu",
+        bf16=False,
+        seed=0,
+        max_steps=max(train_steps, 1),
+        per_device_train_batch_size=NUM_ROWS // 2,
+        learning_rate=1e-3,
+        lmbda=1.0,
+        beta=0.5,
+        max_new_tokens=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=False,
+        tip_chunk_size=5,
+        **RULES[rule],
+    )
+    dataset = arithmetic_dataset(64 if train_steps else NUM_ROWS, seed=7, max_operand=999)
+    trainer = TIPTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    return trainer, dataset
+
+
+def _shares(num_processes: int) -> list[range]:
+    """Unequal row shares: rank 0 takes fewer rows than the others."""
+    if num_processes == 1:
+        return [range(NUM_ROWS)]
+    bounds = [0] + [NUM_ROWS * (r + 1) // num_processes - (1 if r == 0 else 0) for r in range(num_processes)]
+    bounds[-1] = NUM_ROWS
+    return [range(bounds[r], bounds[r + 1]) for r in range(num_processes)]
+
+
+def _step(trainer, dataset) -> dict:
+    """One micro-batch on this rank's rows: loss, gradients (DDP-averaged), thresholds, reduced statistics."""
+    acc = trainer.accelerator
+    rows = _shares(acc.num_processes)[acc.process_index]
+    batch = trainer.data_collator([dataset[i] for i in rows])
+    inputs = trainer._prepare_inputs(batch)
+    eligible = (inputs["labels"][:, 1:] != -100).sum()
+    step_tokens = acc.reduce(eligible.clone(), reduction="sum") if acc.num_processes > 1 else eligible
+
+    thresholds = []
+    select_tokens = trainer.select_tokens
+
+    def recording_select(signals, *args, **kwargs):
+        weights, quadrant, pair = select_tokens(signals, *args, **kwargs)
+        thresholds.append(pair)
+        return weights, quadrant, pair
+
+    trainer.select_tokens = recording_select
+    model = trainer.model
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    loss = trainer.compute_loss(model, inputs, num_items_in_batch=step_tokens)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+    loss_value = loss.detach().double().reshape(1)
+    if acc.num_processes > 1:  # as DDP does: gradients averaged; the logged loss is the mean over ranks
+        dist.all_reduce(grads)
+        dist.all_reduce(loss_value)
+        grads /= acc.num_processes
+        loss_value /= acc.num_processes
+
+    def reduce_sum(t):
+        return acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t
+
+    stats = trainer.tip_statistics.compute(reduce_sum, num_steps=1)
+    return {
+        "rows": list(rows),
+        "eligible": int(eligible),
+        "loss": float(loss_value),
+        "grads": grads.cpu(),
+        "thresholds": [float(thresholds[0][0]), float(thresholds[0][1])],
+        "stats": stats,
+    }
+
+
+def _gather(obj):
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _train_logs(output_dir: str, device: str, steps: int = 2) -> list[dict]:
+    trainer, _ = _trainer("quadrants_q3", output_dir, device, train_steps=steps)
+    trainer.train()
+    return [{k: v for k, v in log.items() if k.startswith("tip/") or k == "loss"} for log in trainer.state.log_history]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder of the one-process reference (written or read)")
+    parser.add_argument("--reference", action="store_true", help="compute the one-process reference")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--train_steps", type=int, default=2, help="steps of the DDP train() check (0: skip)")
+    ns = parser.parse_args()
+    if ns.reference and ns.device == "cuda" and "WORLD_SIZE" not in os.environ:
+        # One process must see one GPU: with several, `Trainer` would use nn.DataParallel, which TRL refuses.
+        # Set before CUDA is initialised (importing torch does not initialise it).
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    os.makedirs(ns.out, exist_ok=True)
+    torch.manual_seed(0)
+    results, ok = {}, True
+    with tempfile.TemporaryDirectory() as tmp:
+        for rule in RULES:
+            trainer, dataset = _trainer(rule, tmp, ns.device)
+            results[rule] = _step(trainer, dataset)
+            rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+            r = results[rule]
+            print(
+                f"[rank {rank}/{world}] rule={rule} rows={r['rows'][0]}..{r['rows'][-1]} eligible={r['eligible']} "
+                f"thresholds H>={r['thresholds'][0]:.6f} D>={r['thresholds'][1]:.6f} "
+                f"kept={r['stats']['tip/tokens_kept']:.0f}/{r['stats']['tip/tokens_eligible']:.0f} "
+                f"q3_frac={r['stats']['tip/q3/frac']:.4f} loss(mean over ranks)={r['loss']:.8f}",
+                flush=True,
+            )
+        if ns.reference:
+            torch.save(results, os.path.join(ns.out, "reference.pt"))
+            print(f"reference written to {ns.out}/reference.pt")
+            return 0
+        reference = torch.load(os.path.join(ns.out, "reference.pt"), weights_only=False)
+        everyone = _gather({rule: {k: v for k, v in r.items() if k != "grads"} for rule, r in results.items()})
+        lines = []
+        for rule, r in results.items():
+            ref = reference[rule]
+            same_thresholds = all(e[rule]["thresholds"] == r["thresholds"] for e in everyone)
+            same_stats = all(e[rule]["stats"] == r["stats"] for e in everyone)
+            close_thresholds = torch.allclose(
+                torch.tensor(r["thresholds"]), torch.tensor(ref["thresholds"]), 1e-5, 1e-7
+            )
+            stat_diff = max(
+                abs(r["stats"][k] - ref["stats"][k]) / max(1.0, abs(ref["stats"][k])) for k in ref["stats"]
+            )
+            loss_diff = abs(r["loss"] - ref["loss"])
+            grad_diff = float((r["grads"] - ref["grads"]).abs().max() / ref["grads"].abs().max())
+            passed = (
+                same_thresholds
+                and same_stats
+                and close_thresholds
+                and stat_diff < 1e-5
+                and loss_diff < 1e-6 * max(1.0, abs(ref["loss"]))
+                and grad_diff < 1e-4
+            )
+            ok &= passed
+            lines.append(
+                f"rule={rule}: thresholds equal on all ranks={same_thresholds}, = 1-process "
+                f"({ref['thresholds'][0]:.6f}, {ref['thresholds'][1]:.6f}): {close_thresholds}; "
+                f"stats equal on all ranks={same_stats}, max rel diff to 1-process={stat_diff:.2e}; "
+                f"loss {r['loss']:.8f} vs 1-process {ref['loss']:.8f} (diff {loss_diff:.2e}); "
+                f"grad max rel diff {grad_diff:.2e} -> {'PASS' if passed else 'FAIL'}"
+            )
+        if ns.train_steps:
+            logs = _train_logs(os.path.join(tmp, "train"), ns.device, ns.train_steps)
+            all_logs = _gather(logs)
+            same_logs = all(entry == all_logs[0] for entry in all_logs)
+            ok &= same_logs and any("tip/kept_frac" in log for log in logs)
+            lines.append(
+                f"train(): {ns.train_steps} DDP steps with generation, tip/* logs identical on all ranks={same_logs}; "
+                f"last: " + json.dumps({k: round(v, 6) for k, v in logs[-2].items()} if len(logs) > 1 else logs)
+            )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("\n".join(lines))
+        print("DDP CHECK", "PASSED" if ok else "FAILED", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
