@@ -224,9 +224,8 @@ def compute_token_signals(
         ):
             out[name][sl] = value
         del s_logits, t_logits
-    zero = ~finite
-    for value in out.values():
-        value[zero] = 0.0
+    # `torch.where`, not a boolean-mask assignment: the latter waits for the GPU to count the mask.
+    out = {name: torch.where(finite, value, torch.zeros_like(value)) for name, value in out.items()}
     return TokenSignals(
         entropy=out["entropy"],
         divergence=out["divergence"],

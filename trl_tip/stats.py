@@ -80,8 +80,8 @@ class TIPStatistics:
         signals: TokenSignals,
         quadrant: torch.Tensor,
         weights: torch.Tensor,
-        entropy_threshold: float,
-        divergence_threshold: float,
+        entropy_threshold: float | torch.Tensor,
+        divergence_threshold: float | torch.Tensor,
         num_eligible: int | None = None,
     ) -> None:
         """Adds one micro-batch.
@@ -95,34 +95,36 @@ class TIPStatistics:
             num_eligible (`int`, *optional*): Eligible positions, non-finite ones included (defaults to
                 `len(signals)`).
         """
-        finite = signals.finite
-        q = quadrant[finite].long().to(self.device) - 1
-        kept = (weights[finite] > 0).double().to(self.device)
+        # Masks multiply instead of indexing, so that an update never waits for the GPU.
+        dev = self.device
+        f = signals.finite.to(dev, torch.float64)
+        q = quadrant.to(dev).long().clamp(min=1) - 1
+        kept = (weights.to(dev) > 0).double() * f
         values = torch.stack(
             [
-                torch.ones_like(kept),
+                f,
                 kept,
-                signals.entropy[finite].double().to(self.device),
-                signals.divergence[finite].double().to(self.device),
-                signals.loss[finite].double().to(self.device),
+                signals.entropy.to(dev, torch.float64) * f,
+                signals.divergence.to(dev, torch.float64) * f,
+                signals.loss.to(dev, torch.float64) * f,
             ],
             dim=1,
         )
         self.per_quadrant.index_add_(0, q, values)
-        n_finite = int(finite.sum())
         n_all = len(signals) if num_eligible is None else num_eligible
+        n_finite = f.sum()
         t = self.totals
         t[_GLOBAL.index("eligible")] += n_finite
         t[_GLOBAL.index("kept")] += kept.sum()
         t[_GLOBAL.index("skipped_nonfinite")] += n_all - n_finite
-        t[_GLOBAL.index("entropy_threshold")] += float(entropy_threshold)
-        t[_GLOBAL.index("divergence_threshold")] += float(divergence_threshold)
+        t[_GLOBAL.index("entropy_threshold")] += torch.as_tensor(entropy_threshold, dtype=torch.float64).to(dev)
+        t[_GLOBAL.index("divergence_threshold")] += torch.as_tensor(divergence_threshold, dtype=torch.float64).to(dev)
         t[_GLOBAL.index("micro_steps")] += 1
         t[_GLOBAL.index("entropy")] += values[:, 2].sum()
         t[_GLOBAL.index("divergence")] += values[:, 3].sum()
         t[_GLOBAL.index("loss")] += values[:, 4].sum()
-        t[_GLOBAL.index("teacher_entropy")] += signals.teacher_entropy[finite].double().sum().to(self.device)
-        t[_GLOBAL.index("teacher_token_prob")] += signals.teacher_log_prob[finite].double().exp().sum().to(self.device)
+        t[_GLOBAL.index("teacher_entropy")] += (signals.teacher_entropy.to(dev, torch.float64) * f).sum()
+        t[_GLOBAL.index("teacher_token_prob")] += (signals.teacher_log_prob.to(dev, torch.float64).exp() * f).sum()
 
     def compute(
         self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, num_steps: int = 1

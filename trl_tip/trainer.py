@@ -338,21 +338,26 @@ class TIPTrainer(GKDTrainer):
         gathered = self.accelerator.gather(padded).view(world, -1, *values.shape[1:])
         return torch.cat([gathered[r, : int(sizes[r])] for r in range(world)])
 
-    def _thresholds(self, signals: TokenSignals) -> tuple[float, float]:
-        """Entropy and divergence splits of the quadrants: fixed, or quantiles over every process's tokens."""
+    def _thresholds(self, signals: TokenSignals) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """Entropy and divergence splits of the quadrants: fixed, or quantiles over every process's tokens.
+
+        Quantile thresholds are 0-dim tensors on the training device, so that nothing here waits for the GPU.
+        """
         args = self.args
         if args.entropy_threshold is not None:
             return float(args.entropy_threshold), float(args.divergence_threshold)
-        finite = signals.finite
-        both = self._gather_rows(torch.stack([signals.entropy[finite], signals.divergence[finite]], dim=1))
+        nan = torch.full_like(signals.entropy, float("nan"))
+        values = torch.stack(
+            [torch.where(signals.finite, signals.entropy, nan), torch.where(signals.finite, signals.divergence, nan)],
+            dim=1,
+        )
+        both = self._gather_rows(values).float()
         if both.size(0) == 0:
             return 0.0, 0.0
-        quantiles = torch.tensor(
-            [args.entropy_threshold_quantile, args.divergence_threshold_quantile], device=both.device
-        )
-        entropy_threshold = torch.quantile(both[:, 0].float(), quantiles[0])
-        divergence_threshold = torch.quantile(both[:, 1].float(), quantiles[1])
-        return float(entropy_threshold), float(divergence_threshold)
+        # Non-finite positions are NaN and ignored; with no finite position at all the split is 0.
+        entropy_threshold = torch.nanquantile(both[:, 0], args.entropy_threshold_quantile).nan_to_num(0.0)
+        divergence_threshold = torch.nanquantile(both[:, 1], args.divergence_threshold_quantile).nan_to_num(0.0)
+        return entropy_threshold, divergence_threshold
 
     def _selection_generator(self) -> torch.Generator:
         """A CPU generator seeded from the Trainer seed, the optimizer step, the micro-batch and the rank."""
@@ -551,7 +556,7 @@ class TIPTrainer(GKDTrainer):
         kept_weight = kept_weight.detach().float()
         if not training or not torch.is_grad_enabled():
             return torch.where(kept_weight > 0, 1.0 / kept_weight.clamp_min(1e-12), torch.zeros_like(kept_weight))
-        counts = torch.stack([kept_weight, torch.tensor(float(num_eligible), device=kept_weight.device)])
+        counts = torch.stack([kept_weight, torch.full_like(kept_weight, float(num_eligible))])
         world = self.accelerator.num_processes
         if world > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")

@@ -44,8 +44,8 @@ class SelectionContext:
         training: Whether the micro-batch is a training one (selectors with metrics accumulate only then).
     """
 
-    entropy_threshold: float
-    divergence_threshold: float
+    entropy_threshold: float | torch.Tensor
+    divergence_threshold: float | torch.Tensor
     quadrant: torch.Tensor
     generator: torch.Generator
     global_step: int = 0
@@ -80,7 +80,10 @@ class TokenSelector(Protocol):
 
 
 def assign_quadrants(
-    entropy: torch.Tensor, divergence: torch.Tensor, entropy_threshold: float, divergence_threshold: float
+    entropy: torch.Tensor,
+    divergence: torch.Tensor,
+    entropy_threshold: float | torch.Tensor,
+    divergence_threshold: float | torch.Tensor,
 ) -> torch.Tensor:
     """Quadrant id of each token: 1 = high H & high D, 2 = high H & low D, 3 = low H & high D, 4 = low H & low D.
 
@@ -105,19 +108,29 @@ def budget(n: int, keep_ratio: float) -> int:
     return min(n, int(math.floor(keep_ratio * n + 0.5)))
 
 
-def top_k_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask of the `k` highest `scores` among `candidates` (all positions if `None`); ties by lower index."""
+def top_k_mask(
+    scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None, num_candidates: int | None = None
+) -> torch.Tensor:
+    """Boolean mask of the `k` highest `scores` among `candidates` (all positions if `None`); ties by lower index.
+
+    Args:
+        scores (`torch.Tensor`): Scores of shape `(N,)`.
+        k (`int`): Number of positions to keep (at most the number of candidates).
+        candidates (`torch.Tensor`, *optional*): Boolean mask of the positions that may be kept.
+        num_candidates (`int`, *optional*): `candidates.sum()` if the caller knows it (saves a device sync).
+    """
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if candidates is not None:
-        idx = candidates.nonzero(as_tuple=True)[0]
-    else:
-        idx = torch.arange(scores.numel(), device=scores.device)
-    k = min(k, idx.numel())
+        if num_candidates is None:
+            num_candidates = int(candidates.sum())
+        k = min(k, num_candidates)
+        scores = torch.where(candidates, scores.double(), torch.full_like(scores, float("-inf"), dtype=torch.float64))
+    k = min(k, scores.numel())
     if k <= 0:
         return mask
     # A stable descending sort makes the choice among equal scores deterministic.
-    order = torch.sort(scores[idx], descending=True, stable=True).indices[:k]
-    mask[idx[order]] = True
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    mask[order] = True
     return mask
 
 
@@ -136,7 +149,12 @@ def sample_without_replacement(weights: torch.Tensor, k: int, generator: torch.G
     """
     n = weights.numel()
     uniform = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
-    gumbel = -torch.log(-torch.log(uniform)).to(weights.device)
+    gumbel = -torch.log(-torch.log(uniform))
+    if weights.device.type == "cuda":
+        # A copy from pinned memory does not wait for the GPU queue (one from pageable memory does).
+        gumbel = gumbel.pin_memory().to(weights.device, non_blocking=True)
+    else:
+        gumbel = gumbel.to(weights.device)
     w = weights.double()
     positive = w > 0
     keys = torch.where(positive, torch.log(torch.where(positive, w, 1.0)) + gumbel, gumbel - 1e6)

@@ -66,10 +66,12 @@ class EntropyTopK:
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         if self.keep_ratio >= 1.0:
             return torch.ones(len(signals), dtype=torch.bool, device=signals.entropy.device)
-        all_entropy = context.gather_values(signals.entropy[signals.finite])
+        nan = torch.full_like(signals.entropy, float("nan"))
+        all_entropy = context.gather_values(torch.where(signals.finite, signals.entropy, nan))
         if all_entropy.numel() == 0:
             return torch.zeros(len(signals), dtype=torch.bool, device=signals.entropy.device)
-        threshold = torch.quantile(all_entropy.float(), 1.0 - self.keep_ratio)
+        # NaN marks non-finite positions (ignored by `nanquantile`); no finite position at all keeps nothing.
+        threshold = torch.nanquantile(all_entropy.float(), 1.0 - self.keep_ratio)
         return (signals.entropy >= threshold) & signals.finite
 
     def __repr__(self) -> str:
@@ -166,12 +168,12 @@ class TypeAware:
         q = context.quadrant
         q3 = (q == 3) & signals.finite
         uncertain = ((q == 1) | (q == 2)) & signals.finite
-        k = budget(int(signals.finite.sum()), self.keep_ratio)
-        n_q3, n_unc = int(q3.sum()), int(uncertain.sum())
+        n_finite, n_q3, n_unc = torch.stack([signals.finite.sum(), q3.sum(), uncertain.sum()]).tolist()
+        k = budget(n_finite, self.keep_ratio)
         k_q3 = min(n_q3, int(round(self.q3_share * k)))
         k_unc = min(n_unc, k - k_q3)
         k_q3 = min(n_q3, k - k_unc)
-        return top_k_mask(signals.divergence, k_q3, q3) | top_k_mask(signals.entropy, k_unc, uncertain)
+        return top_k_mask(signals.divergence, k_q3, q3, n_q3) | top_k_mask(signals.entropy, k_unc, uncertain, n_unc)
 
     def __repr__(self) -> str:
         return f"TypeAware(keep_ratio={self.keep_ratio}, q3_share={self.q3_share})"
