@@ -16,6 +16,7 @@ from .selection import (
 )
 from .signals import TokenSignals, compute_token_signals
 from .stats import TIPStatistics, metric_names
+from .token_dump import TokenDumpCallback
 from .trainer import TIPTrainer
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "TIPTrainer",
     "TokenSelector",
     "TokenSignals",
+    "TokenDumpCallback",
     "TypeAware",
     "build_selector",
     "compute_token_signals",

@@ -1,4 +1,4 @@
-"""The `trl-tip` command: `trl-tip demo` (tiny CPU distillation)."""
+"""The `trl-tip` command: `trl-tip demo` (tiny CPU distillation), `trl-tip report RUN_DIR` (pictures of a run)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "demo": ("trl_tip.demo", "tiny end-to-end distillation on CPU, prints the Q1-Q4 table"),
+    "report": ("trl_tip.report", "figures, TIP map and token page of a run: trl-tip report RUN_DIR"),
 }
 
 
