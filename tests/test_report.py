@@ -308,3 +308,39 @@ def test_load_token_dump_rejects_other_json(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(ValueError, match="is not JSON"):
         load_token_dump(path)
+
+
+def test_token_dump_added_later_with_gradient_accumulation(tmp_path):
+    """`add_callback` binds the callback too; under accumulation the last micro-batch of each dumped step is kept."""
+    from trl_tip import TIPConfig, TIPTrainer
+    from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    args = TIPConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        lmbda=1.0,
+        max_new_tokens=4,
+        save_strategy="no",
+        report_to="none",
+        token_selection="entropy_sample",
+    )
+    trainer = TIPTrainer(
+        model=make_model(tokenizer, 32, 1, seed=1),
+        teacher_model=make_model(tokenizer, 32, 1, seed=2),
+        args=args,
+        train_dataset=arithmetic_dataset(16),
+        processing_class=tokenizer,
+    )
+    callback = TokenDumpCallback(every_n_steps=1, max_completions=2, filename="dump.jsonl")
+    trainer.add_callback(callback)
+    assert callback.trainer is trainer
+    trainer.train()
+    records = load_token_dump(tmp_path / "dump.jsonl")
+    assert [r["step"] for r in records] == [1, 1, 2, 2]
+    assert [r["row"] for r in records] == [0, 1, 0, 1]
+    assert trainer.tip_capture_selection is False and trainer.tip_last_selection is None
