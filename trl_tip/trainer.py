@@ -131,7 +131,6 @@ class TIPTrainer(GKDTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
-        self._bind_trainer_callbacks()
         self.selector: TokenSelector = selector if selector is not None else build_selector(args)
         self.tip_statistics = TIPStatistics(self.accelerator.device)
         self._tip_last_logged_step = 0
@@ -189,7 +188,11 @@ class TIPTrainer(GKDTrainer):
         return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
 
     def add_callback(self, callback) -> None:
-        """`Trainer.add_callback`; a callback with a `bind_trainer(trainer)` method is also given this trainer."""
+        """`Trainer.add_callback`; a callback with a `bind_trainer(trainer)` method is also given this trainer.
+
+        `Trainer.__init__` calls this method once its callback handler holds the `callbacks` argument, so those are
+        bound too.
+        """
         super().add_callback(callback)
         self._bind_trainer_callbacks()
 
