@@ -22,6 +22,7 @@ from .selection import (
 )
 from .signals import TokenSignals, compute_token_signals
 from .stats import TIPStatistics, metric_names
+from .token_dump import TokenDumpCallback
 from .trainer import TIPTrainer
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "TIPTrainer",
     "TokenSelector",
     "TokenSignals",
+    "TokenDumpCallback",
     "TypeAware",
     "Union",
     "build_selector",

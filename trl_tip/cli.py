@@ -1,4 +1,4 @@
-"""The `trl-tip` command: `trl-tip demo` (tiny CPU distillation), `trl-tip train` (training from a YAML recipe)."""
+"""The `trl-tip` command: `demo` (tiny CPU distillation), `train` (from a YAML recipe), `report RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("trl_tip.demo", "tiny end-to-end distillation on CPU, prints the Q1-Q4 table"),
     "train": ("trl_tip.train", "distil a teacher into a student from a YAML recipe (--config) and flags"),
+    "report": ("trl_tip.report", "figures, TIP map and token page of a run: trl-tip report RUN_DIR"),
 }
 
 

@@ -8,29 +8,13 @@ import os
 
 from .config import TIPConfig
 from .selection import TOKEN_SELECTIONS
-from .stats import METRIC_PREFIX
+from .stats import METRIC_PREFIX, format_quadrant_table
+from .token_dump import TokenDumpCallback
 from .toy import arithmetic_dataset, make_model, make_tokenizer, pretrain
 from .trainer import TIPTrainer
 
 
 __all__ = ["format_quadrant_table", "main", "run_demo"]
-
-
-def format_quadrant_table(logs: dict[str, float]) -> str:
-    """A text table of the `tip/q{n}/...` metrics of one log entry."""
-    columns = ("frac", "kept_frac", "entropy", "divergence", "loss_share")
-    names = {1: "Q1 high H, high D", 2: "Q2 high H, low D", 3: "Q3 low H, high D", 4: "Q4 low H, low D"}
-    lines = [f"{'quadrant':<20}" + "".join(f"{c:>12}" for c in columns)]
-    for q in range(1, 5):
-        values = [logs.get(f"{METRIC_PREFIX}/q{q}/{c}", float("nan")) for c in columns]
-        lines.append(f"{names[q]:<20}" + "".join(f"{v:>12.4f}" for v in values))
-    lines.append(
-        f"kept {logs.get(f'{METRIC_PREFIX}/kept_frac', 0.0):.3f} of "
-        f"{logs.get(f'{METRIC_PREFIX}/tokens_eligible', 0.0):.1f} eligible tokens/step; thresholds H >= "
-        f"{logs.get(f'{METRIC_PREFIX}/entropy_threshold', 0.0):.4f}, D >= "
-        f"{logs.get(f'{METRIC_PREFIX}/divergence_threshold', 0.0):.4f}"
-    )
-    return "\n".join(lines)
 
 
 def run_demo(
@@ -41,6 +25,8 @@ def run_demo(
     teacher_steps: int = 300,
     student_steps: int = 40,
     seed: int = 0,
+    dump_tokens_every: int | None = None,
+    dump_completions: int = 4,
 ) -> TIPTrainer:
     """Runs the demo and returns the trainer (its `state.log_history` holds the metrics).
 
@@ -52,6 +38,9 @@ def run_demo(
         teacher_steps (`int`): Steps of plain training that make the teacher competent.
         student_steps (`int`): Steps of plain training of the student first (competent but clearly worse).
         seed (`int`): Seed of everything.
+        dump_tokens_every (`int`, *optional*): Add a [`TokenDumpCallback`] that writes the per-token signals of
+            `dump_completions` completions to `output_dir/tip_tokens.jsonl` every that many steps.
+        dump_completions (`int`): Completions per dump.
     """
     tokenizer = make_tokenizer()
     train = arithmetic_dataset(512, seed=seed)
@@ -82,8 +71,14 @@ def run_demo(
         keep_ratio=keep_ratio,
         **extra,
     )
+    callbacks = [TokenDumpCallback(dump_tokens_every, dump_completions)] if dump_tokens_every else None
     trainer = TIPTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=train, processing_class=tokenizer
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=callbacks,
     )
     trainer.train()
     trainer.save_state()
@@ -99,10 +94,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher_steps", type=int, default=300)
     parser.add_argument("--student_steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dump_tokens_every",
+        type=int,
+        default=None,
+        help="write per-token signals of a few completions to OUTPUT_DIR/tip_tokens.jsonl every N steps "
+        "(for `trl-tip report`)",
+    )
+    parser.add_argument("--dump_completions", type=int, default=4, help="completions per token dump")
     ns = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     trainer = run_demo(
-        ns.output_dir, ns.token_selection, ns.keep_ratio, ns.max_steps, ns.teacher_steps, ns.student_steps, ns.seed
+        ns.output_dir,
+        ns.token_selection,
+        ns.keep_ratio,
+        ns.max_steps,
+        ns.teacher_steps,
+        ns.student_steps,
+        ns.seed,
+        dump_tokens_every=ns.dump_tokens_every,
+        dump_completions=ns.dump_completions,
     )
     step_logs = [log for log in trainer.state.log_history if f"{METRIC_PREFIX}/kept_frac" in log]
     print(f"\ntrl-tip demo: token_selection={ns.token_selection}, {len(step_logs)} logging steps")

@@ -9,7 +9,7 @@ import torch
 from .signals import TokenSignals
 
 
-__all__ = ["METRIC_PREFIX", "TIPStatistics", "metric_names"]
+__all__ = ["METRIC_PREFIX", "QUADRANT_NAMES", "TIPStatistics", "format_quadrant_table", "metric_names"]
 
 METRIC_PREFIX = "tip"
 _PER_QUADRANT = ("count", "kept", "entropy", "divergence", "loss")
@@ -26,6 +26,8 @@ _GLOBAL = (
     "teacher_entropy",
     "teacher_token_prob",
 )
+
+QUADRANT_NAMES = {1: "Q1 high H, high D", 2: "Q2 high H, low D", 3: "Q3 low H, high D", 4: "Q4 low H, low D"}
 
 
 def metric_names() -> list[str]:
@@ -184,3 +186,26 @@ class TIPStatistics:
         """Restores sums saved by [`state_dict`]."""
         self.per_quadrant = state["per_quadrant"].to(self.device, torch.float64)
         self.totals = state["totals"].to(self.device, torch.float64)
+
+
+def format_quadrant_table(logs: dict[str, float]) -> str:
+    """A text table of the `tip/q{n}/...` metrics of one log entry, and a line with the kept share and thresholds.
+
+    Args:
+        logs (`dict[str, float]`): One entry of `trainer.state.log_history` (missing quadrant keys print as `nan`).
+
+    Returns:
+        `str`: The table, one line per quadrant.
+    """
+    columns = ("frac", "kept_frac", "entropy", "divergence", "loss_share")
+    lines = [f"{'quadrant':<20}" + "".join(f"{c:>12}" for c in columns)]
+    for q in range(1, 5):
+        values = [logs.get(f"{METRIC_PREFIX}/q{q}/{c}", float("nan")) for c in columns]
+        lines.append(f"{QUADRANT_NAMES[q]:<20}" + "".join(f"{v:>12.4f}" for v in values))
+    lines.append(
+        f"kept {logs.get(f'{METRIC_PREFIX}/kept_frac', 0.0):.3f} of "
+        f"{logs.get(f'{METRIC_PREFIX}/tokens_eligible', 0.0):.1f} eligible tokens/step; thresholds H >= "
+        f"{logs.get(f'{METRIC_PREFIX}/entropy_threshold', 0.0):.4f}, D >= "
+        f"{logs.get(f'{METRIC_PREFIX}/divergence_threshold', 0.0):.4f}"
+    )
+    return "\n".join(lines)

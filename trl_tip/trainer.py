@@ -83,10 +83,13 @@ class TIPTrainer(GKDTrainer):
     the micro-batches of one optimizer step weigh as their share of the step's eligible tokens (counted on the
     generated completions). With `token_selection="all"` the loss and gradients equal `GKDTrainer`'s.
 
+    The arguments `model`, `teacher_model`, `data_collator`, `train_dataset`, `eval_dataset`, `processing_class`,
+    `compute_metrics`, `callbacks`, `optimizers`, `preprocess_logits_for_metrics`, `peft_config` and `formatting_func`
+    are `GKDTrainer`'s.
+
     Args:
-        model, teacher_model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
-        callbacks, optimizers, preprocess_logits_for_metrics, peft_config, formatting_func:
-            As in `GKDTrainer`; `args` is a [`TIPConfig`].
+        args ([`TIPConfig`]):
+            The training configuration: every `GKDConfig` option plus the token-selection options.
         selector ([`TokenSelector`], *optional*):
             A custom selection rule; replaces the one named by `args.token_selection`. It is called with the
             [`TokenSignals`] of the eligible tokens and a [`SelectionContext`] and returns a boolean keep-mask or
@@ -105,6 +108,10 @@ class TIPTrainer(GKDTrainer):
     _name = "TIP"
     # `compute_loss` normalises by the step's token counts itself: `Trainer` must not divide by the accumulation steps.
     loss_is_scaled_for_ga = True
+    # Set by a callback such as `TokenDumpCallback` for the steps it dumps: `compute_loss` then keeps the last training
+    # micro-batch's per-token data (detached) in `tip_last_selection`; off otherwise, so it costs nothing.
+    tip_capture_selection: bool = False
+    tip_last_selection: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -299,6 +306,20 @@ class TIPTrainer(GKDTrainer):
         """A `Trainer` training step; the on-policy generation already happened in [`get_batch_samples`]."""
         return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
 
+    def add_callback(self, callback) -> None:
+        """`Trainer.add_callback`; a callback with a `bind_trainer(trainer)` method is also given this trainer.
+
+        `Trainer.__init__` calls this method once its callback handler holds the `callbacks` argument, so those are
+        bound too.
+        """
+        super().add_callback(callback)
+        self._bind_trainer_callbacks()
+
+    def _bind_trainer_callbacks(self) -> None:
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "bind_trainer"):
+                callback.bind_trainer(self)
+
     # ------------------------------------------------------------------ forward passes
 
     def _final_hidden(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -482,6 +503,17 @@ class TIPTrainer(GKDTrainer):
 
         if model.training:
             self.tip_statistics.update(signals, quadrant, weights, *thresholds)
+        if model.training and self.tip_capture_selection:
+            self.tip_last_selection = {
+                "input_ids": inputs["input_ids"].detach(),
+                "attention_mask": inputs["attention_mask"].detach(),
+                "labels": inputs["labels"].detach(),
+                "signals": signals,
+                "quadrant": quadrant.detach(),
+                "weights": weights.detach(),
+                "entropy_threshold": thresholds[0],
+                "divergence_threshold": thresholds[1],
+            }
         if return_outputs:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
