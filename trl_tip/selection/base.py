@@ -134,7 +134,13 @@ def top_k_mask(
     return mask
 
 
-def sample_without_replacement(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def sample_without_replacement(
+    weights: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    candidates: torch.Tensor | None = None,
+    num_candidates: int | None = None,
+) -> torch.Tensor:
     """Draws `k` positions without replacement with probability proportional to `weights` (Gumbel top-k).
 
     Positions of weight 0 are drawn only once every positive-weight position is taken, uniformly among themselves.
@@ -143,9 +149,13 @@ def sample_without_replacement(weights: torch.Tensor, k: int, generator: torch.G
         weights (`torch.Tensor`): Non-negative weights of shape `(N,)`.
         k (`int`): Number of positions to draw.
         generator (`torch.Generator`): CPU generator the draw comes from.
+        candidates (`torch.Tensor`, *optional*): Boolean mask of the positions that may be drawn (all if `None`);
+            e.g. the finite positions, so that a budget larger than the positive-weight positions is filled with
+            zero-weight finite positions, never with non-finite ones.
+        num_candidates (`int`, *optional*): `candidates.sum()` if the caller knows it (saves a device sync).
 
     Returns:
-        `torch.Tensor`: Boolean mask of shape `(N,)` with `min(k, N)` positions set.
+        `torch.Tensor`: Boolean mask of shape `(N,)` with `min(k, number of candidates)` positions set.
     """
     n = weights.numel()
     uniform = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
@@ -158,7 +168,7 @@ def sample_without_replacement(weights: torch.Tensor, k: int, generator: torch.G
     w = weights.double()
     positive = w > 0
     keys = torch.where(positive, torch.log(torch.where(positive, w, 1.0)) + gumbel, gumbel - 1e6)
-    return top_k_mask(keys, k)
+    return top_k_mask(keys, k, candidates, num_candidates)
 
 
 def validate_selection(selection: torch.Tensor, n: int, name: str = "selector") -> torch.Tensor:

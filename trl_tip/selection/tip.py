@@ -44,9 +44,9 @@ class RandomTokens:
         self.keep_ratio = _check_ratio(keep_ratio)
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
-        weights = signals.finite.float()
+        n_finite = int(signals.finite.sum())
         return sample_without_replacement(
-            weights, budget(int(signals.finite.sum()), self.keep_ratio), context.generator
+            signals.finite.float(), budget(n_finite, self.keep_ratio), context.generator, signals.finite, n_finite
         )
 
     def __repr__(self) -> str:
@@ -99,8 +99,11 @@ class EntropyDivergenceSample:
         return torch.where(signals.finite, w, torch.zeros_like(w))
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
-        k = budget(int(signals.finite.sum()), self.keep_ratio)
-        return sample_without_replacement(self.weights(signals), k, context.generator)
+        n_finite = int(signals.finite.sum())
+        k = budget(n_finite, self.keep_ratio)
+        # Only finite positions are candidates: when fewer than `k` have a positive weight (H = 0 or D = 0), the
+        # budget is filled with zero-weight finite positions, not with non-finite ones the trainer would drop.
+        return sample_without_replacement(self.weights(signals), k, context.generator, signals.finite, n_finite)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keep_ratio={self.keep_ratio}, alpha={self.alpha}, gamma={self.gamma})"
