@@ -126,6 +126,12 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
                     grad_logits = grad_logits * (1.0 - (student_logits / head.softcap).square())
                 grad_raw = grad_logits.to(weight.dtype)
                 del grad_logits, student_logits, raw
+                if signals is not None:
+                    # Rows with non-finite logits get no gradient: 0 * NaN would otherwise poison the whole
+                    # weight gradient (a NaN/inf hidden row, or the soft-capping factor of a NaN logit).
+                    skipped = ~ok.unsqueeze(-1)
+                    grad_raw = grad_raw.masked_fill(skipped, 0.0)
+                    h = h.masked_fill(skipped, 0.0)
                 if need_h:
                     grad_h[sl] = grad_raw @ weight
                 if need_w:
