@@ -9,8 +9,11 @@ token counts). Each rank prints its thresholds and its `tip/...` statistics; ran
 * the mean over ranks of the per-rank losses, and the ranks' gradients averaged as DDP averages them, equal the
   one-process loss and gradients: the loss is normalised over all ranks' kept tokens,
 
-for rule `all` and for the deterministic rule `quadrants` (Q3, quantile thresholds). Then a short `trainer.train()`
-with on-policy generation runs under DDP and the logged `tip/...` metrics of every rank are compared.
+for rule `all`, for the deterministic rule `quadrants` (Q3, quantile thresholds) and, with two processes, for a
+selector that keeps nothing on rank 0 and everything on rank 1 (one process: the rows rank 1 takes), so one rank has
+zero kept tokens while the other has some. Then short `trainer.train()` runs with on-policy generation under DDP
+(`quadrants` Q3, and the zero-on-rank-0 selector, which must not hang) and the logged `tip/...` metrics of every
+rank are compared.
 
 CPU (gloo):
     python benchmarks/ddp_check.py --reference --out /tmp/ddp
@@ -36,8 +39,26 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
-RULES = {"all": {"token_selection": "all"}, "quadrants_q3": {"token_selection": "quadrants", "quadrants": ["Q3"]}}
+RULES = {
+    "all": {"token_selection": "all"},
+    "quadrants_q3": {"token_selection": "quadrants", "quadrants": ["Q3"]},
+    "rank0_keeps_nothing": {"token_selection": "all"},
+}
 NUM_ROWS = 8
+
+
+class KeepNothingOnRankZero:
+    """Keeps nothing on rank 0 and every token on the other ranks; on one process, every token of the rows that rank 1
+    takes in a two-process run (so the one-process reference is the same selection)."""
+
+    def __call__(self, signals, context):
+        if context.num_processes > 1:
+            keep = context.process_index != 0
+            return torch.full((len(signals),), keep, dtype=torch.bool, device=signals.entropy.device)
+        return signals.seq_idx >= len(_shares(2)[0])
+
+    def __repr__(self) -> str:
+        return "KeepNothingOnRankZero()"
 
 
 def _trainer(rule: str, output_dir: str, device: str, train_steps: int = 0):
@@ -67,7 +88,12 @@ def _trainer(rule: str, output_dir: str, device: str, train_steps: int = 0):
     )
     dataset = arithmetic_dataset(64 if train_steps else NUM_ROWS, seed=7, max_operand=999)
     trainer = TIPTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        selector=KeepNothingOnRankZero() if rule == "rank0_keeps_nothing" else None,
     )
     return trainer, dataset
 
@@ -90,12 +116,13 @@ def _step(trainer, dataset) -> dict:
     eligible = (inputs["labels"][:, 1:] != -100).sum()
     step_tokens = acc.reduce(eligible.clone(), reduction="sum") if acc.num_processes > 1 else eligible
 
-    thresholds = []
+    thresholds, kept_here = [], []
     select_tokens = trainer.select_tokens
 
     def recording_select(signals, *args, **kwargs):
         weights, quadrant, pair = select_tokens(signals, *args, **kwargs)
         thresholds.append(pair)
+        kept_here.append(int((weights > 0).sum()))
         return weights, quadrant, pair
 
     trainer.select_tokens = recording_select
@@ -123,6 +150,7 @@ def _step(trainer, dataset) -> dict:
         "loss": float(loss_value),
         "grads": grads.cpu(),
         "thresholds": [float(thresholds[0][0]), float(thresholds[0][1])],
+        "kept_here": kept_here[0],
         "stats": stats,
     }
 
@@ -135,8 +163,8 @@ def _gather(obj):
     return out
 
 
-def _train_logs(output_dir: str, device: str, steps: int = 2) -> list[dict]:
-    trainer, _ = _trainer("quadrants_q3", output_dir, device, train_steps=steps)
+def _train_logs(output_dir: str, device: str, steps: int = 2, rule: str = "quadrants_q3") -> list[dict]:
+    trainer, _ = _trainer(rule, output_dir, device, train_steps=steps)
     trainer.train()
     return [{k: v for k, v in log.items() if k.startswith("tip/") or k == "loss"} for log in trainer.state.log_history]
 
@@ -155,8 +183,10 @@ def main() -> int:
     os.makedirs(ns.out, exist_ok=True)
     torch.manual_seed(0)
     results, ok = {}, True
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [rule for rule in RULES if rule != "rank0_keeps_nothing" or world_size <= 2]
     with tempfile.TemporaryDirectory() as tmp:
-        for rule in RULES:
+        for rule in rules:
             trainer, dataset = _trainer(rule, tmp, ns.device)
             results[rule] = _step(trainer, dataset)
             rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
@@ -164,7 +194,7 @@ def main() -> int:
             print(
                 f"[rank {rank}/{world}] rule={rule} rows={r['rows'][0]}..{r['rows'][-1]} eligible={r['eligible']} "
                 f"thresholds H>={r['thresholds'][0]:.6f} D>={r['thresholds'][1]:.6f} "
-                f"kept={r['stats']['tip/tokens_kept']:.0f}/{r['stats']['tip/tokens_eligible']:.0f} "
+                f"kept here={r['kept_here']} all ranks={r['stats']['tip/tokens_kept']:.0f}/{r['stats']['tip/tokens_eligible']:.0f} "
                 f"q3_frac={r['stats']['tip/q3/frac']:.4f} loss(mean over ranks)={r['loss']:.8f}",
                 flush=True,
             )
@@ -203,14 +233,22 @@ def main() -> int:
                 f"loss {r['loss']:.8f} vs 1-process {ref['loss']:.8f} (diff {loss_diff:.2e}); "
                 f"grad max rel diff {grad_diff:.2e} -> {'PASS' if passed else 'FAIL'}"
             )
-        if ns.train_steps:
-            logs = _train_logs(os.path.join(tmp, "train"), ns.device, ns.train_steps)
+        for rule in ("quadrants_q3", "rank0_keeps_nothing") if ns.train_steps else ():
+            if rule not in rules:
+                continue
+            logs = _train_logs(os.path.join(tmp, f"train_{rule}"), ns.device, ns.train_steps, rule)
             all_logs = _gather(logs)
             same_logs = all(entry == all_logs[0] for entry in all_logs)
-            ok &= same_logs and any("tip/kept_frac" in log for log in logs)
+            step_logs = [log for log in logs if "tip/kept_frac" in log]
+            finite = all(torch.isfinite(torch.tensor(log["loss"])) for log in step_logs)
+            ok &= same_logs and len(step_logs) == ns.train_steps and finite
+            if rule == "rank0_keeps_nothing" and world_size > 1:
+                # Rank 0 kept nothing, rank 1 everything: the logged share is strictly between 0 and 1.
+                ok &= all(0.0 < log["tip/kept_frac"] < 1.0 for log in step_logs)
             lines.append(
-                f"train(): {ns.train_steps} DDP steps with generation, tip/* logs identical on all ranks={same_logs}; "
-                f"last: " + json.dumps({k: round(v, 6) for k, v in logs[-2].items()} if len(logs) > 1 else logs)
+                f"train() rule={rule}: {ns.train_steps} DDP steps with generation, finite loss={finite}, tip/* logs "
+                f"identical on all ranks={same_logs}; last: "
+                + json.dumps({k: round(v, 6) for k, v in logs[-2].items()} if len(logs) > 1 else logs)
             )
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("\n".join(lines))

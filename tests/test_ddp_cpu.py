@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ def _free_port() -> int:
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     env["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    # A hang (e.g. a rank skipping a collective when it keeps no token) fails the test instead of blocking CI.
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=170)
 
 
@@ -34,8 +36,19 @@ def test_two_process_cpu_launch_matches_one_process(tmp_path):
     result = _run([*launch, str(SCRIPT), "--out", out, "--train_steps", "2"])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    for rule in ("all", "quadrants_q3"):
+    for rule in ("all", "quadrants_q3", "rank0_keeps_nothing"):
         assert f"[rank 0/2] rule={rule}" in output and f"[rank 1/2] rule={rule}" in output, output
-    assert output.count("-> PASS") == 2, output
-    assert "tip/* logs identical on all ranks=True" in output, output
+    # Rank 0 keeps no token while rank 1 keeps all of its: same collectives on both, loss and gradients of one process.
+    kept_here = {
+        rank: int(m.group(1))
+        for rank in (0, 1)
+        if (m := re.search(rf"\[rank {rank}/2\] rule=rank0_keeps_nothing rows=.*? kept here=(\d+) ", output))
+    }
+    assert kept_here.get(0) == 0 and kept_here.get(1, 0) > 0, output
+    assert output.count("-> PASS") == 3, output
+    for rule in ("quadrants_q3", "rank0_keeps_nothing"):
+        assert (
+            f"train() rule={rule}: 2 DDP steps with generation, finite loss=True, tip/* logs identical on all ranks=True"
+            in output
+        ), output
     assert "DDP CHECK PASSED" in output, output
