@@ -66,6 +66,26 @@ def _backbone(lm: nn.Module) -> nn.Module:
     return backbone
 
 
+def _check_chat_columns(dataset: Any, name: str) -> None:
+    """Raises a clear error if `dataset` lacks the `messages` column that GKD's default collator reads.
+
+    `DataCollatorForChatML` tokenizes each example's `messages` (unless it is pre-tokenized with `input_ids`);
+    without them training would stop at the first batch with a bare `KeyError: 'messages'`.
+    """
+    datasets = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]
+    for key, split in datasets:
+        columns = getattr(split, "column_names", None)
+        if not isinstance(columns, (list, tuple)) or "messages" in columns or "input_ids" in columns:
+            continue  # no dataset, columns unknown (e.g. an IterableDataset without features), or usable
+        label = name if key is None else f"{name}[{key!r}]"
+        raise ValueError(
+            f"{label} has columns {list(columns)}, but TIPTrainer (like GKDTrainer) reads a `messages` column: the "
+            "conversation as a list of {'role': ..., 'content': ...} dicts ending with the assistant's answer. "
+            "Convert it, e.g. dataset.map(lambda x: {'messages': [{'role': 'user', 'content': x['prompt']}, "
+            "{'role': 'assistant', 'content': x['completion']}]}), or pass your own data_collator."
+        )
+
+
 class TIPTrainer(GKDTrainer):
     """GKD trainer that computes the distillation loss only on selected completion tokens.
 
@@ -140,6 +160,9 @@ class TIPTrainer(GKDTrainer):
             )
         if selector is not None and not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
+        if data_collator is None:
+            _check_chat_columns(train_dataset, "train_dataset")
+            _check_chat_columns(eval_dataset, "eval_dataset")
         model, teacher_model = self._load_models(
             model, teacher_model, args, peft_config, quantization_config, teacher_quantization_config
         )
