@@ -659,9 +659,46 @@ class TIPTrainer(GKDTrainer):
         )
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
-        torch.save(self._tip_state(), path)
+        # Written last and atomically: its presence marks the checkpoint complete (see `train`).
+        torch.save(self._tip_state(), path + ".tmp")
+        os.replace(path + ".tmp", path)
         if self.sstoken_history is not None and self.args.should_save:
             torch.save(self.sstoken_history.state_dict(), os.path.join(output_dir, HISTORY_STATE_NAME))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; with `resume_from_checkpoint=True` it resumes from the newest *complete* checkpoint.
+
+        A run killed while saving leaves a checkpoint folder without its trainer state or TIP state, which `Trainer`
+        would pick and fail on; such folders are skipped with a warning. A checkpoint is complete when it holds
+        `trainer_state.json` and the TIP state of every rank (written last); if none does (checkpoints written by
+        another trainer), the newest holding `trainer_state.json` is used.
+        """
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = self._last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _last_complete_checkpoint(self, output_dir: str) -> str:
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_utils import sort_checkpoints
+
+        candidates = sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+        with_state = [c for c in candidates if os.path.isfile(os.path.join(c, TRAINER_STATE_NAME))]
+        ranks = range(self.accelerator.num_processes)
+        complete = [
+            c for c in with_state if all(os.path.isfile(os.path.join(c, TIP_STATE_NAME.format(rank=r))) for r in ranks)
+        ]
+        chosen = (complete or with_state or [None])[-1]
+        if chosen is None:
+            raise ValueError(
+                f"No complete checkpoint in {output_dir} to resume from (found {candidates or 'none'}); start without "
+                "resume_from_checkpoint or pass the path of a checkpoint."
+            )
+        skipped = candidates[candidates.index(chosen) + 1 :]
+        if skipped:
+            logger.warning(
+                f"Skipping incomplete checkpoint(s) {skipped} (a run interrupted while saving); resuming from {chosen}."
+            )
+        return chosen
 
     def _load_rng_state(self, checkpoint):
         """Restores the RNG of a checkpoint once: before the first on-policy generation of a resumed run."""
