@@ -658,12 +658,12 @@ class TIPTrainer(GKDTrainer):
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
         os.makedirs(output_dir, exist_ok=True)
+        if self.sstoken_history is not None and self.args.should_save:
+            torch.save(self.sstoken_history.state_dict(), os.path.join(output_dir, HISTORY_STATE_NAME))
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         # Written last and atomically: its presence marks the checkpoint complete (see `train`).
         torch.save(self._tip_state(), path + ".tmp")
         os.replace(path + ".tmp", path)
-        if self.sstoken_history is not None and self.args.should_save:
-            torch.save(self.sstoken_history.state_dict(), os.path.join(output_dir, HISTORY_STATE_NAME))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; with `resume_from_checkpoint=True` it resumes from the newest *complete* checkpoint.
