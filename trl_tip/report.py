@@ -217,19 +217,24 @@ def plot_quadrant_share(history: list[dict[str, float]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_kept_share(history: list[dict[str, float]], path: Path) -> Path:
-    """(b) Share of each quadrant's tokens that the rule kept, and the overall kept share, over the logged steps."""
-    steps = [entry["step"] for entry in history]
-    figure, (ax,) = _new_figure()
+def _plot_per_quadrant(ax, steps: list[int], history: list[dict[str, float]], key: str) -> None:
+    """One line per quadrant of the `tip/q{n}/{key}` metric over the logged steps."""
     for q in range(1, 5):
         ax.plot(
             steps,
-            _series(history, f"{METRIC_PREFIX}/q{q}/kept_frac"),
+            _series(history, f"{METRIC_PREFIX}/q{q}/{key}"),
             color=QUADRANT_COLORS[q],
             marker="o",
             markersize=3,
             label=QUADRANT_NAMES[q],
         )
+
+
+def plot_kept_share(history: list[dict[str, float]], path: Path) -> Path:
+    """(b) Share of each quadrant's tokens that the rule kept, and the overall kept share, over the logged steps."""
+    steps = [entry["step"] for entry in history]
+    figure, (ax,) = _new_figure()
+    _plot_per_quadrant(ax, steps, history, "kept_frac")
     ax.plot(steps, _series(history, f"{METRIC_PREFIX}/kept_frac"), color="black", ls="--", label="all tokens")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("step")
@@ -244,15 +249,7 @@ def plot_quadrant_signals(history: list[dict[str, float]], path: Path) -> Path:
     steps = [entry["step"] for entry in history]
     figure, axes = _new_figure(width=10.0, height=4.0, ncols=2)
     for ax, key, label in zip(axes, ("entropy", "divergence"), ("student entropy H / ln V", "divergence D")):
-        for q in range(1, 5):
-            ax.plot(
-                steps,
-                _series(history, f"{METRIC_PREFIX}/q{q}/{key}"),
-                color=QUADRANT_COLORS[q],
-                marker="o",
-                markersize=3,
-                label=QUADRANT_NAMES[q],
-            )
+        _plot_per_quadrant(ax, steps, history, key)
         ax.plot(steps, _series(history, f"{METRIC_PREFIX}/{key}_threshold"), color="black", ls="--", label="threshold")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
