@@ -82,3 +82,27 @@ def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
     torch.testing.assert_close(signals.loss, jsd, rtol=1e-5, atol=1e-6)
     expected = (jsd * weights).sum() / weights.sum()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_budgeted_rule_gradients_equal_gkd_on_the_kept_labels(tmp_path):
+    """A rule that keeps a subset trains exactly like GKD on a batch whose labels are only the kept tokens."""
+    tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="quadrants", quadrants=["Q3", "Q1"])
+    tip.tip_capture_selection = True
+    batch = _batch(len(make_tokenizer()), seed=2)
+    loss_tip, grads_tip = _loss_and_grads(tip, batch)
+    selection = tip.tip_last_selection
+    signals, weights = selection["signals"], selection["weights"]
+    assert 0 < int((weights > 0).sum()) < len(signals)
+    masked = dict(batch)
+    labels = torch.full_like(batch["labels"], -100)
+    kept = weights > 0
+    rows, cols = signals.seq_idx[kept], signals.pos_idx[kept] + 1  # shifted position p predicts label p + 1
+    labels[rows, cols] = batch["labels"][rows, cols]
+    masked["labels"] = labels
+    gkd = _trainer(GKDTrainer, GKDConfig, tmp_path)
+    gkd.model.load_state_dict(tip.model.state_dict())
+    loss_gkd, grads_gkd = _loss_and_grads(gkd, masked)
+    torch.testing.assert_close(loss_tip, loss_gkd, rtol=1e-5, atol=1e-6)
+    assert grads_gkd.keys() == grads_tip.keys()
+    for name in grads_gkd:
+        torch.testing.assert_close(grads_tip[name], grads_gkd[name], rtol=1e-4, atol=1e-6, msg=name)
