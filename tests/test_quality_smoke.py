@@ -1,5 +1,6 @@
 """The quality benchmark (benchmarks/quality) end to end on CPU with its --smoke settings, and its task's answers."""
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -36,14 +37,55 @@ def test_chain_of_thought_is_correct_and_splits_are_disjoint():
 
 def test_smoke_run_writes_results_table_and_plot(tmp_path):
     run = _load("run")
-    record = run.main(["--smoke", "--out", str(tmp_path)])
-    rules = {r["rule"] for r in record["results"]}
-    assert rules == {"GKD (all tokens)", "entropy_sample 0.5", "sstoken 0.6"}
+    record = run.main(
+        ["--smoke", "--out", str(tmp_path), "--add_rule", "random 0.1", "random", '{"keep_ratio": 0.1}',
+         "--rules", "GKD (all tokens)", "entropy_sample 0.5", "sstoken 0.6", "random 0.1",
+         "--lr_for", "random 0.1=1e-3"]
+    )  # fmt: skip
     by_rule = {r["rule"]: r for r in record["results"]}
+    assert set(by_rule) == {"GKD (all tokens)", "entropy_sample 0.5", "sstoken 0.6", "random 0.1"}
     assert by_rule["GKD (all tokens)"]["kept_share"] == 1.0
+    assert by_rule["GKD (all tokens)"]["kept_by_position"] is None
     assert 0.0 < by_rule["entropy_sample 0.5"]["kept_share"] < 1.0
+    assert by_rule["random 0.1"]["lr"] == 1e-3 and by_rule["sstoken 0.6"]["lr"] == 5e-4
     for r in record["results"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["tokens_kept"] > 0
+        assert len(r["samples"]) == run.SAMPLES and all(isinstance(t, str) for t in r["samples"])
+    positions = by_rule["entropy_sample 0.5"]["kept_by_position"]
+    assert positions and all(0.0 <= v <= 1.0 for v in positions.values())
     saved = json.loads((tmp_path / "quality.json").read_text())
-    assert len(saved["results"]) == 3 and "| entropy_sample 0.5 | 1 |" in saved["table"]
+    assert len(saved["results"]) == 4 and "| entropy_sample 0.5 | 0.0005 | 1 |" in saved["table"]
+    assert "| random 0.1 | 0.001 | 1 |" in saved["table"] and "| seed 0 |" in saved["table"]
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path, monkeypatch):
+    # The spawned workers import the script by name, so it is imported as `run` from a path they inherit.
+    monkeypatch.syspath_prepend(str(QUALITY))
+    monkeypatch.delitem(sys.modules, "run", raising=False)
+    run = importlib.import_module("run")
+    common = ["--smoke", "--rules", "TIP all", "random 0.5", "--seeds", "0"]
+    serial = run.main([*common, "--out", str(tmp_path / "serial")])
+    parallel = run.main([*common, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
+    assert [r["rule"] for r in parallel["results"]] == [r["rule"] for r in serial["results"]]
+    for a, b in zip(serial["results"], parallel["results"], strict=True):
+        assert a["tokens_kept"] == b["tokens_kept"] and a["samples"] == b["samples"]
+        assert abs(a["last_loss"] - b["last_loss"]) < 1e-4
+
+
+def test_bad_rule_options_are_refused(capsys):
+    run = _load("run")
+    for argv, message in [
+        (["--lr_for", "nope=1e-3"], "--lr_for must be NAME=LR"),
+        (["--add_rule", "x", "random", "[1]"], "JSON must be an object"),
+        (["--add_rule", "TIP all", "random", "{}"], "--add_rule names must differ"),
+        (["--rules", "nope"], "unknown"),
+        (["--jobs", "0"], "--jobs must be at least 1"),
+    ]:
+        try:
+            run.parse(argv)
+        except SystemExit:
+            pass
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        assert message in capsys.readouterr().err

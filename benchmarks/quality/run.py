@@ -4,23 +4,30 @@ Three-digit addition with a short chain of thought (`task.py`). A teacher (Qwen2
 plain next-token loss until it is clearly good, a smaller student briefly on the same data so it is competent but
 clearly worse; then the same initial student is distilled on-policy (lmbda=1) from the same teacher by TRL's
 `GKDTrainer` (all tokens) and by `TIPTrainer` with each selection rule, same steps, same seeds. Greedy exact match
-of the final answer on a held-out test set is the score. Weights are made here, seeded; nothing is downloaded or
-saved. Results are written after every run to `--out` (JSON), with a markdown table and a PNG plot at the end.
+of the final answer on a held-out test set is the score. Weights are made here, seeded; nothing is downloaded (the
+pair is saved under `--cache` when given). Results are written after every run to `--out` (JSON), with a markdown
+table and a PNG plot at the end. Each TIP run also records the kept share by completion position and a few greedy
+completions of the distilled student, which show *where* a rule trains and what a collapsed student writes.
 
-    python benchmarks/quality/run.py --out runs/quality          # GPU
-    python benchmarks/quality/run.py --smoke --out /tmp/q        # CPU, seconds
+    python benchmarks/quality/run.py --out runs/quality --jobs 8      # GPU, 8 runs at a time
+    python benchmarks/quality/run.py --smoke --out /tmp/q             # CPU, seconds
+    python benchmarks/quality/run.py ... --add_rule "random 0.1" random '{"keep_ratio": 0.1}' \
+        --lr_for "quadrants Q3=5e-5"                                  # an extra rule, a per-rule learning rate
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
+import multiprocessing
 import os
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from task import answer_of, make_splits  # noqa: E402
-from transformers import PrinterCallback  # noqa: E402
+from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 
 from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
 from trl_tip._compat import GKDConfig, GKDTrainer  # noqa: E402
@@ -47,6 +54,33 @@ RULES = [
     ("tip 0.2", "tip", "tip", {"keep_ratio": 0.2}),
     ("sstoken 0.6", "tip", "sstoken", {"keep_ratio": 0.6}),
 ]
+SAMPLES = 4  # greedy completions of the distilled student kept per run
+
+
+class KeptByPosition(TrainerCallback):
+    """Counts, per completion position (0 = first completion token), how many tokens there were and how many kept."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        trainer.tip_capture_selection = True
+        self.total: collections.Counter = collections.Counter()
+        self.kept: collections.Counter = collections.Counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        selection = self.trainer.tip_last_selection
+        if selection is None:
+            return
+        labels = selection["labels"][:, 1:]
+        signals = selection["signals"]
+        first = (labels != -100).int().argmax(1)
+        position = (signals.pos_idx - first[signals.seq_idx]).tolist()
+        kept = (selection["weights"] > 0).tolist()
+        for p, k in zip(position, kept, strict=True):
+            self.total[p] += 1
+            self.kept[p] += int(k)
+
+    def shares(self) -> dict[int, float]:
+        return {p: self.kept[p] / self.total[p] for p in sorted(self.total)}
 
 
 def log(msg: str, start: float) -> None:
@@ -71,8 +105,8 @@ def encode_sft(tokenizer, dataset, device):
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, test, max_new_tokens: int, batch_size: int = 512) -> float:
-    """Greedy exact match of the final answer on `test`."""
+def accuracy(model, tokenizer, test, max_new_tokens: int, batch_size: int = 512, samples: list | None = None) -> float:
+    """Greedy exact match of the final answer on `test`; the first completions are appended to `samples` if given."""
     model.eval()
     left = copy.copy(tokenizer)
     left.padding_side = "left"
@@ -86,6 +120,8 @@ def accuracy(model, tokenizer, test, max_new_tokens: int, batch_size: int = 512)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         texts = [decode(tokenizer, row) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
         answers = [answer_of(t) for t in texts]
+        if samples is not None and len(samples) < SAMPLES:
+            samples.extend(texts[: SAMPLES - len(samples)])
         correct += sum(a == r for a, r in zip(answers, test[i : i + batch_size]["answer"], strict=True))
     return correct / len(prompts)
 
@@ -156,12 +192,13 @@ def make_gkd_counter(counter):
 def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, on_cpu):
     name, kind, selection, extra = rule
     student = copy.deepcopy(student0)
+    lr = cfg.lr_for.get(name, cfg.lr)
     common = dict(
-        output_dir=str(out_dir / "tmp"),
+        output_dir=str(out_dir / "tmp" / f"{os.getpid()}"),
         seed=seed,
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch,
-        learning_rate=cfg.lr,
+        learning_rate=lr,
         lr_scheduler_type="constant",
         lmbda=1.0,
         beta=0.5,
@@ -185,6 +222,10 @@ def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, 
         model=student, teacher_model=teacher, args=args, train_dataset=train, processing_class=tokenizer
     )
     trainer.remove_callback(PrinterCallback)  # one summary line per run instead of every log
+    positions = None
+    if kind != "gkd":
+        positions = KeptByPosition(trainer)
+        trainer.add_callback(positions)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -204,10 +245,12 @@ def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, 
         kept = sum(e["tip/tokens_kept"] * w for e, w in zip(step_logs, windows, strict=True))
         eligible = sum(e["tip/tokens_eligible"] * w for e, w in zip(step_logs, windows, strict=True))
     losses = [entry["loss"] for entry in logs if "loss" in entry]
-    acc = accuracy(trainer.model, tokenizer, test, cfg.max_new_tokens)
+    samples: list[str] = []
+    acc = accuracy(trainer.model, tokenizer, test, cfg.max_new_tokens, samples=samples)
     return {
         "rule": name,
         "seed": seed,
+        "lr": lr,
         "accuracy": acc,
         "tokens_kept": kept,
         "tokens_eligible": eligible,
@@ -216,61 +259,111 @@ def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, 
         "wall_s": wall,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "kept_by_position": positions.shares() if positions is not None else None,
+        "samples": samples,
     }
 
 
-def summarise(results, bounds):
-    """Markdown table: mean ± half-range over seeds."""
+def summarise(results, bounds, names):
+    """Markdown table: mean ± standard deviation over seeds (accuracy also min–max), one row per rule."""
 
-    def pm(values, fmt):
+    def pm(values, fmt, span=False):
         values = [v for v in values if v is not None]
         if not values:
             return "n/a"
         mean = statistics.fmean(values)
         if len(values) == 1:
             return format(mean, fmt)
-        return f"{format(mean, fmt)} ± {format((max(values) - min(values)) / 2, fmt)}"
+        text = f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+        return f"{text} ({format(min(values), fmt)}–{format(max(values), fmt)})" if span else text
 
     lines = [
         f"Teacher accuracy {bounds['teacher']:.3f}; initial student {bounds['student']:.3f}.",
         "",
-        "| rule | seeds | accuracy | kept share | tokens trained on | peak GPU MiB | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| rule | lr | seeds | accuracy (min–max) | kept share | tokens trained on | peak GPU MiB | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, *_ in RULES:
+    for name in names:
         rows = [r for r in results if r["rule"] == name]
         if not rows:
             continue
         lines.append(
-            f"| {name} | {len(rows)} | {pm([r['accuracy'] for r in rows], '.3f')} | "
+            f"| {name} | {rows[0]['lr']:g} | {len(rows)} | {pm([r['accuracy'] for r in rows], '.3f', span=True)} | "
             f"{pm([r['kept_share'] for r in rows], '.2f')} | {pm([r['tokens_kept'] for r in rows], '.0f')} | "
             f"{pm([r['peak_mem_mib'] for r in rows], '.0f')} | {pm([r['wall_s'] for r in rows], '.1f')} |"
         )
+    seeds = sorted({r["seed"] for r in results})
+    lines += ["", "| rule | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
+    for name in names:
+        by_seed = {r["seed"]: r["accuracy"] for r in results if r["rule"] == name}
+        if by_seed:
+            cells = [f"{by_seed[s]:.3f}" if s in by_seed else "—" for s in seeds]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(results, bounds, path):
+def plot(results, bounds, names, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, *_ in RULES:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = "osD^vP*Xh<>"
+    for i, name in enumerate(names):
         rows = [r for r in results if r["rule"] == name]
         if rows:
             xs = [r["kept_share"] for r in rows]
             ys = [r["accuracy"] for r in rows]
-            ax.scatter(xs, ys, label=name, alpha=0.8)
+            ax.scatter(xs, ys, label=name, alpha=0.75, marker=markers[i % len(markers)])
+            ax.errorbar(statistics.fmean(xs), statistics.fmean(ys), fmt="_", color="k", ms=14, alpha=0.6)
     ax.axhline(bounds["teacher"], color="k", ls="--", lw=1, label="teacher")
     ax.axhline(bounds["student"], color="gray", ls=":", lw=1, label="initial student")
     ax.set_xlabel("share of completion tokens trained on")
     ax.set_ylabel("held-out exact match (greedy)")
-    ax.set_title("3-digit addition with chain of thought: accuracy vs tokens kept")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title("3-digit addition with chain of thought: accuracy vs tokens kept\n(dots: seeds; bars: mean)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# What each completion position holds (every problem is 3 digits + 3 digits; a 3-digit sum ends one earlier).
+POSITION_LABELS = list("a+b+c=ss ") * 3 + list("=sss") + ["s/end", "end"]
+
+
+def plot_positions(results, names, path) -> bool:
+    """Kept share by completion position (mean over seeds), one line per TIP rule; False when there is nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    drawn = False
+    for name in names:
+        rows = [r["kept_by_position"] for r in results if r["rule"] == name and r.get("kept_by_position")]
+        if not rows or name == "TIP all":
+            continue
+        positions = sorted({int(p) for row in rows for p in row})
+        means = [statistics.fmean(float(row[str(p)] if str(p) in row else row[p]) for row in rows
+                                  if str(p) in row or p in row) for p in positions]  # fmt: skip
+        ax.plot(positions, means, marker=".", label=name)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xticks(range(len(POSITION_LABELS)))
+    ax.set_xticklabels(POSITION_LABELS, fontsize=7)
+    ax.set_xlabel("completion position (a, b: copied digits, c: carry, s: sum digits, end: end token)")
+    ax.set_ylabel("share of tokens kept")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Where each rule trains: kept share by position of the completion (mean over seeds)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def parse(argv=None):
@@ -279,6 +372,25 @@ def parse(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny settings for CPU, seconds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rules", nargs="+", default=None, help="subset of rule names (default: all)")
+    p.add_argument(
+        "--add_rule",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "SELECTION", "JSON"),
+        help="an extra TIP rule: its name, token_selection and a JSON object of other TIPConfig fields",
+    )
+    p.add_argument(
+        "--lr_for", action="append", default=[], metavar="NAME=LR", help="learning rate of one rule (repeatable)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="no training: join the quality.json of these output folders (same pair, settings and rules) into --out",
+    )
     p.add_argument("--n_train", type=int, default=20000)
     p.add_argument("--n_test", type=int, default=500)
     p.add_argument("--teacher_hidden", type=int, default=256)
@@ -299,8 +411,8 @@ def parse(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=34)
     p.add_argument("--cache", default=None, help="folder for the trained teacher/student (reused when present)")
     p.add_argument("--setup_only", action="store_true", help="train (or load) the pair, print the bounds, stop")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--time_budget", type=float, default=None, help="seconds; skip a seed that would not fit")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per worker with --jobs > 1)")
+    p.add_argument("--time_budget", type=float, default=None, help="seconds; runs that would not fit are skipped")
     ns = p.parse_args(argv)
     if ns.smoke:
         ns.n_train, ns.n_test = 64, 16
@@ -313,11 +425,149 @@ def parse(argv=None):
         ns.rules = ns.rules or ["GKD (all tokens)", "entropy_sample 0.5", "sstoken 0.6"]
     if ns.steps % ns.logging_steps:
         p.error("--steps must be a multiple of --logging_steps (token counts are summed per logging window)")
+    if ns.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {ns.jobs}")
+    extra_rules = []
+    for name, selection, options in ns.add_rule:
+        try:
+            fields = json.loads(options)
+        except json.JSONDecodeError as exc:
+            p.error(f"--add_rule {name!r}: JSON must be an object of TIPConfig fields ({exc})")
+        if not isinstance(fields, dict):
+            p.error(f"--add_rule {name!r}: JSON must be an object of TIPConfig fields, got {options!r}")
+        extra_rules.append((name, "tip", selection, fields))
+    ns.rule_table = RULES + extra_rules
+    names = [r[0] for r in ns.rule_table]
+    if len(set(names)) != len(names):
+        p.error(f"--add_rule names must differ from each other and from the built-in rules {names[: len(RULES)]}")
+    if ns.rules is not None:
+        unknown = [r for r in ns.rules if r not in names]
+        if unknown:
+            p.error(f"--rules {unknown} unknown; allowed: {names}")
+    lr_for = {}
+    for item in ns.lr_for:
+        name, sep, value = item.rpartition("=")
+        if not sep or name not in names:
+            p.error(f"--lr_for must be NAME=LR with NAME among {names}, got {item!r}")
+        try:
+            lr_for[name] = float(value)
+        except ValueError:
+            p.error(f"--lr_for {item!r}: {value!r} is not a number")
+    ns.lr_for = lr_for
     return ns
+
+
+class Setup:
+    """What every run needs: the tokenizer, the splits, the frozen teacher and the initial student."""
+
+    def __init__(self, cfg, device, start, log_bounds=True):
+        self.max_new_tokens = cfg.max_new_tokens
+        self.tokenizer = tokenizer = make_tokenizer()
+        self.train, self.test = make_splits(cfg.n_train, cfg.n_test, seed=1234)
+        self.teacher = make_model(tokenizer, cfg.teacher_hidden, cfg.teacher_layers, seed=1).to(device)
+        self.student = make_model(tokenizer, cfg.student_hidden, cfg.student_layers, seed=2).to(device)
+        cache = Path(cfg.cache) / "pair.pt" if cfg.cache else None
+        if cache is not None and cache.exists():
+            saved = torch.load(cache, map_location=device)
+            self.teacher.load_state_dict(saved["teacher"])
+            self.student.load_state_dict(saved["student"])
+            self.teacher_history, self.student_history = saved["teacher_history"], saved["student_history"]
+            if log_bounds:
+                log(f"loaded teacher and student from {cache}", start)
+        else:
+            x, y = encode_sft(tokenizer, self.train, device)
+            log(f"data: {len(self.train)} train, {len(self.test)} test, width {x.shape[1]}, device {device}", start)
+            pad = tokenizer.pad_token_id
+            self.teacher_history = sft(self.teacher, x, y, pad, cfg.teacher_steps, cfg.sft_batch, 1e-3, 1, self.evaluate,
+                                       cfg.eval_every, cfg.teacher_target, start, "teacher")  # fmt: skip
+            self.student_history = sft(self.student, x, y, pad, cfg.student_steps, cfg.sft_batch, 1e-3, 2,
+                                       self.evaluate, cfg.student_eval_every, cfg.student_target, start,
+                                       "student")  # fmt: skip
+            if cache is not None:
+                self.save(cache)
+        self.teacher.eval()
+        self.student.eval()
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+
+    def evaluate(self, model) -> float:
+        """Held-out greedy exact match of `model`."""
+        return accuracy(model, self.tokenizer, self.test, self.max_new_tokens)
+
+    def save(self, path: Path) -> None:
+        """Writes both models and their training curves to `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"teacher": self.teacher.state_dict(), "student": self.student.state_dict(),
+                    "teacher_history": self.teacher_history, "student_history": self.student_history},
+                   path)  # fmt: skip
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg, on_cpu) -> None:
+    if on_cpu:
+        torch.set_num_threads(1)
+    device = torch.device("cpu" if on_cpu else "cuda")
+    _WORKER.update(cfg=cfg, on_cpu=on_cpu, setup=Setup(cfg, device, time.time(), log_bounds=False))
+
+
+def _worker_run(rule, seed, deadline):
+    if deadline is not None and time.time() > deadline:
+        return None
+    cfg, setup = _WORKER["cfg"], _WORKER["setup"]
+    random.seed(seed)
+    return distil(rule, setup.student, setup.teacher, setup.tokenizer, setup.train, setup.test, cfg, seed,
+                  Path(cfg.out), _WORKER["on_cpu"])  # fmt: skip
+
+
+# Settings that must agree for runs to be merged into one table.
+MERGE_KEYS = ("n_train", "n_test", "teacher_hidden", "teacher_layers", "student_hidden", "student_layers", "steps",
+              "batch", "lr", "lr_for", "max_new_tokens")  # fmt: skip
+
+
+def merge(cfg, out: Path) -> dict:
+    """Joins the results of several output folders of the same pair and settings (e.g. more seeds, other rules)."""
+    records = [json.loads((Path(d) / "quality.json").read_text()) for d in cfg.merge]
+    first = records[0]
+    for d, rec in zip(cfg.merge[1:], records[1:], strict=True):
+        if rec["bounds"] != first["bounds"]:
+            raise ValueError(
+                f"{d}: bounds {rec['bounds']} differ from {first['bounds']}; not the same teacher/student"
+            )
+        differ = [k for k in MERGE_KEYS if rec["config"].get(k) != first["config"].get(k)]
+        if differ:
+            raise ValueError(f"{d}: settings {differ} differ from {cfg.merge[0]}")
+    seen = set()
+    results = []
+    for d, rec in zip(cfg.merge, records, strict=True):
+        for r in rec["results"]:
+            key = (r["rule"], r["seed"])
+            if key in seen:
+                raise ValueError(f"{d}: rule {r['rule']!r} seed {r['seed']} is already in an earlier folder")
+            seen.add(key)
+            results.append(r)
+    names = []
+    for rec in records:
+        for name, *_ in rec["config"]["rule_table"]:
+            if name not in names and any(r["rule"] == name for r in results):
+                names.append(name)
+    results.sort(key=lambda r: (r["seed"], names.index(r["rule"])))
+    record = {**first, "results": results, "merged_from": list(cfg.merge)}
+    record["table"] = summarise(results, first["bounds"], names)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(record, indent=1))
+    (out / "quality.md").write_text(record["table"] + "\n")
+    plot(results, first["bounds"], names, out / "quality.png")
+    plot_positions(results, names, out / "quality_positions.png")
+    print(record["table"], flush=True)
+    return record
 
 
 def main(argv=None) -> dict:
     cfg = parse(argv)
+    if cfg.merge:
+        return merge(cfg, Path(cfg.out))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.time()
@@ -325,80 +575,77 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     on_cpu = not torch.cuda.is_available()
     device = torch.device("cpu" if on_cpu else "cuda")
-    rules = [r for r in RULES if cfg.rules is None or r[0] in cfg.rules]
-    if cfg.rules and len(rules) != len(cfg.rules):
-        raise ValueError(f"--rules must be among {[r[0] for r in RULES]}, got {cfg.rules}")
+    rules = [r for r in cfg.rule_table if cfg.rules is None or r[0] in cfg.rules]
+    names = [r[0] for r in rules]
     tokenizer = make_tokenizer()
     probe = tokenizer("7+5+0=12 =632<|end|>5", add_special_tokens=False)["input_ids"]
     if answer_of(decode(tokenizer, probe)) != "632":
         raise RuntimeError(f"answer extraction broken: {decode(tokenizer, probe)!r}")
-    train, test = make_splits(cfg.n_train, cfg.n_test, seed=1234)
-    x, y = encode_sft(tokenizer, train, device)
-    log(f"data: {len(train)} train, {len(test)} test, width {x.shape[1]}, device {device}", start)
-
-    def ev(model):
-        return accuracy(model, tokenizer, test, cfg.max_new_tokens)
-
-    teacher = make_model(tokenizer, cfg.teacher_hidden, cfg.teacher_layers, seed=1).to(device)
-    student0 = make_model(tokenizer, cfg.student_hidden, cfg.student_layers, seed=2).to(device)
-    cache = Path(cfg.cache) / "pair.pt" if cfg.cache else None
-    if cache is not None and cache.exists():
-        saved = torch.load(cache, map_location=device)
-        teacher.load_state_dict(saved["teacher"])
-        student0.load_state_dict(saved["student"])
-        t_hist, s_hist = saved["teacher_history"], saved["student_history"]
-        log(f"loaded teacher and student from {cache}", start)
-    else:
-        t_hist = sft(teacher, x, y, tokenizer.pad_token_id, cfg.teacher_steps, cfg.sft_batch, 1e-3, 1, ev,
-                     cfg.eval_every, cfg.teacher_target, start, "teacher")  # fmt: skip
-        s_hist = sft(student0, x, y, tokenizer.pad_token_id, cfg.student_steps, cfg.sft_batch, 1e-3, 2, ev,
-                     cfg.student_eval_every, cfg.student_target, start, "student")  # fmt: skip
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"teacher": teacher.state_dict(), "student": student0.state_dict(),
-                        "teacher_history": t_hist, "student_history": s_hist}, cache)  # fmt: skip
-    teacher.eval()
-    student0.eval()
-    for p_ in teacher.parameters():
-        p_.requires_grad_(False)
-    bounds = {"teacher": ev(teacher), "student": ev(student0)}
+    if cfg.jobs > 1 and not cfg.cache:
+        cfg.cache = str(out / "pair_cache")  # the workers load the pair from here
+    setup = Setup(cfg, device, start)
+    bounds = {"teacher": setup.evaluate(setup.teacher), "student": setup.evaluate(setup.student)}
     log(f"bounds: teacher {bounds['teacher']:.3f}, initial student {bounds['student']:.3f}", start)
     if cfg.setup_only:
         return {"bounds": bounds}
+    if cfg.jobs > 1 and not (Path(cfg.cache) / "pair.pt").exists():
+        setup.save(Path(cfg.cache) / "pair.pt")
     record = {
         "config": {k: v for k, v in vars(cfg).items()},
         "device": torch.cuda.get_device_name() if not on_cpu else "cpu",
         "torch": torch.__version__,
         "bounds": bounds,
-        "teacher_history": t_hist,
-        "student_history": s_hist,
+        "teacher_history": setup.teacher_history,
+        "student_history": setup.student_history,
         "setup_s": time.time() - start,
         "results": [],
-        "skipped_seeds": [],
+        "skipped": [],
     }
-    (out / "quality.json").write_text(json.dumps(record, indent=1))
-    seed_times = []
-    for seed in cfg.seeds:
-        elapsed = time.time() - start
-        if cfg.time_budget and seed_times and elapsed + 1.1 * max(seed_times) > cfg.time_budget:
-            log(f"skip seed {seed}: {elapsed:.0f}s used, a seed takes ~{max(seed_times):.0f}s", start)
-            record["skipped_seeds"].append(seed)
-            continue
-        t_seed = time.time()
-        for rule in rules:
+
+    def write():
+        (out / "quality.json").write_text(json.dumps(record, indent=1))
+
+    def done(rule, seed, res):
+        if res is None:
+            record["skipped"].append({"rule": rule[0], "seed": seed})
+            log(f"skip seed {seed} {rule[0]}: time budget spent", start)
+            return
+        record["results"].append(res)
+        write()
+        log(f"seed {seed} {res['rule']}: acc {res['accuracy']:.3f} share {res['kept_share']:.2f} "
+            f"tokens {res['tokens_kept']:.0f} wall {res['wall_s']:.1f}s peak {res['peak_mem_mib']}", start)  # fmt: skip
+
+    write()
+    tasks = [(rule, seed) for seed in cfg.seeds for rule in rules]
+    deadline = start + cfg.time_budget if cfg.time_budget else None
+    if cfg.jobs == 1:
+        run_times = []
+        for rule, seed in tasks:
+            if deadline is not None and run_times and time.time() + 1.1 * max(run_times) > deadline:
+                done(rule, seed, None)
+                continue
+            t0 = time.time()
             random.seed(seed)
-            res = distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out, on_cpu)
-            record["results"].append(res)
-            (out / "quality.json").write_text(json.dumps(record, indent=1))
-            log(f"seed {seed} {res['rule']}: acc {res['accuracy']:.3f} share {res['kept_share']:.2f} "
-                f"tokens {res['tokens_kept']:.0f} wall {res['wall_s']:.1f}s peak {res['peak_mem_mib']}", start)  # fmt: skip
-        seed_times.append(time.time() - t_seed)
-    table = summarise(record["results"], bounds)
+            done(rule, seed, distil(rule, setup.student, setup.teacher, tokenizer, setup.train, setup.test, cfg,
+                                    seed, out, on_cpu))  # fmt: skip
+            run_times.append(time.time() - t0)
+    else:
+        # Runs start in seed-major order; a run not started by the deadline is skipped.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            cfg.jobs, mp_context=context, initializer=_worker_init, initargs=(cfg, on_cpu)
+        ) as pool:
+            futures = [(rule, seed, pool.submit(_worker_run, rule, seed, deadline)) for rule, seed in tasks]
+            for rule, seed, future in futures:
+                done(rule, seed, future.result())
+        record["results"].sort(key=lambda r: (r["seed"], names.index(r["rule"])))
+    table = summarise(record["results"], bounds, names)
     record["table"] = table
     record["total_s"] = time.time() - start
-    (out / "quality.json").write_text(json.dumps(record, indent=1))
+    write()
     (out / "quality.md").write_text(table + "\n")
-    plot(record["results"], bounds, out / "quality.png")
+    plot(record["results"], bounds, names, out / "quality.png")
+    plot_positions(record["results"], names, out / "quality_positions.png")
     print(table, flush=True)
     return record
 
