@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
 
@@ -89,3 +91,28 @@ def test_bad_rule_options_are_refused(capsys):
         else:
             raise AssertionError(f"{argv} was accepted")
         assert message in capsys.readouterr().err
+
+
+def test_committed_gpu_results_reproduce_the_tables_in_the_docs(tmp_path):
+    """docs/quality.md quotes tables that `--merge` rebuilds from the committed JSON, line for line."""
+    run = _load("run")
+    results = QUALITY / "results" / "gpu"
+    doc = (QUALITY.parents[1] / "docs" / "quality.md").read_text()
+    for folders in (["main", "more", "more2"], ["lowlr"]):
+        record = run.main(["--merge", *(str(results / f) for f in folders), "--out", str(tmp_path / folders[0])])
+        lines = [line for line in record["table"].splitlines() if line.startswith("| ") and "---" not in line]
+        assert len(lines) > 4
+        for line in lines:
+            assert line in doc, line
+    with_q3 = run.main(["--merge", str(results / "main"), "--out", str(tmp_path / "q3")])
+    q3 = [r for r in with_q3["results"] if r["rule"] == "quadrants Q3"]
+    assert len(q3) == 5 and all(r["accuracy"] == 0.0 for r in q3)
+
+
+def test_merge_refuses_other_settings_and_duplicate_runs(tmp_path):
+    run = _load("run")
+    results = QUALITY / "results" / "gpu"
+    with pytest.raises(ValueError, match="settings"):
+        run.main(["--merge", str(results / "main"), str(results / "lowlr"), "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="already in an earlier folder"):
+        run.main(["--merge", str(results / "main"), str(results / "main"), "--out", str(tmp_path / "b")])
