@@ -14,7 +14,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl_tip.cli import COMMANDS, main  # noqa: E402
 from trl_tip.config import TIPConfig  # noqa: E402
 from trl_tip.models import TIPModelConfig, get_quantization_config  # noqa: E402
-from trl_tip.selection import TOKEN_SELECTIONS  # noqa: E402
 from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer  # noqa: E402
 from trl_tip.train import make_parser  # noqa: E402
 
@@ -31,8 +30,6 @@ def test_train_is_a_command():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_parses(recipe, tmp_path):
     text = recipe.read_text()
-    if "token_selection: sstoken" in text and "sstoken" not in TOKEN_SELECTIONS:
-        pytest.skip("the sstoken rule is not merged in this checkout")
     head = text.split("\n# Models")[0]
     assert "Written for: student" in head and "Memory per GPU" in head
     script_args, training_args, model_args = make_parser().parse_args_and_config(

@@ -98,7 +98,7 @@ def test_committed_gpu_results_reproduce_the_tables_in_the_docs(tmp_path):
     run = _load("run")
     results = QUALITY / "results" / "gpu"
     doc = (QUALITY.parents[1] / "docs" / "quality.md").read_text()
-    for folders in (["main", "more", "more2"], ["lowlr"]):
+    for folders in (["main", "more", "more2"], ["lowlr"], ["variants"]):
         record = run.main(["--merge", *(str(results / f) for f in folders), "--out", str(tmp_path / folders[0])])
         lines = [line for line in record["table"].splitlines() if line.startswith("| ") and "---" not in line]
         assert len(lines) > 4

@@ -350,7 +350,7 @@ def test_prompt_mass_from_qk_by_hand():
 def test_config_defaults_and_validation(tmp_path):
     args = base_args(tmp_path)
     assert args.keep_ratio == 0.6
-    assert (args.sstoken_gamma, args.sstoken_loss, args.sstoken_history) == (0.5, "divergence", "ema")
+    assert (args.sstoken_gamma, args.sstoken_loss, args.sstoken_history) == (0.5, "nll", "ema")
     assert (args.sstoken_ema_decay, args.sstoken_ema_update_interval, args.sstoken_history_device) == (0.9, 1, "same")
     assert base_args(tmp_path, token_selection="tip").keep_ratio == 0.5
     assert isinstance(build_selector(args), SSToken)

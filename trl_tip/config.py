@@ -19,7 +19,7 @@ DEFAULT_KEEP_RATIOS = {"sstoken": 0.6}
 # Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise).
 SSTOKEN_DEFAULTS = {
     "sstoken_gamma": 0.5,
-    "sstoken_loss": "divergence",
+    "sstoken_loss": "nll",
     "sstoken_history": "ema",
     "sstoken_ema_decay": 0.9,
     "sstoken_ema_update_interval": 1,
@@ -74,8 +74,8 @@ class TIPConfig(GKDConfig):
             `sstoken` only (default `0.5`): weight of the retrospective excess loss in
             `gamma * REL_norm + (1 - gamma) * attention`; `1` is REL only, `0` attention only (no history model).
         sstoken_loss (`str`, *optional*):
-            `sstoken` only (default `"divergence"`): per-token loss of REL, `"nll"` (of the sampled token) or
-            `"divergence"` (the token's distillation loss to the teacher).
+            `sstoken` only (default `"nll"`): per-token loss of REL, `"nll"` (of the sampled token, the paper's
+            definition) or `"divergence"` (the token's distillation loss to the teacher).
         sstoken_history (`str`, *optional*):
             `sstoken` only (default `"ema"`): history model, `"ema"` of the student's trainable weights or `"fixed"`
             (the initial student).
@@ -171,8 +171,8 @@ class TIPConfig(GKDConfig):
     sstoken_loss: str | None = field(
         default=None,
         metadata={
-            "help": "sstoken only (default `divergence`): per-token loss of REL, `nll` (of the sampled token) or "
-            "`divergence` (the token's distillation loss to the teacher).",
+            "help": "sstoken only (default `nll`): per-token loss of REL, `nll` (of the sampled token, the paper's "
+            "definition) or `divergence` (the token's distillation loss to the teacher).",
             "choices": list(SSTOKEN_LOSSES),
         },
     )

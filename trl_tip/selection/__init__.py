@@ -77,7 +77,7 @@ def build_selector(args) -> TokenSelector:
         return SSToken(
             keep_ratio,
             gamma=args.sstoken_gamma,
-            loss=args.sstoken_loss or "divergence",
+            loss=args.sstoken_loss or "nll",
             warmup_steps=args.sstoken_warmup_steps or 0,
         )
     raise ValueError(f"Unknown token_selection {rule!r}; allowed values: {', '.join(TOKEN_SELECTIONS)}.")

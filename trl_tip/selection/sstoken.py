@@ -172,11 +172,11 @@ class SSToken:
     Args:
         keep_ratio (`float`, *optional*, defaults to `0.6`): Kept share of each sequence's tokens, in `(0, 1]`.
         gamma (`float`, *optional*, defaults to `0.5`): Weight of REL; `1` is REL only, `0` attention only.
-        loss (`str`, *optional*, defaults to `"divergence"`): Per-token loss of REL, `"nll"` or `"divergence"`.
+        loss (`str`, *optional*, defaults to `"nll"`): Per-token loss of REL, `"nll"` or `"divergence"`.
         warmup_steps (`int`, *optional*, defaults to `0`): Steps during which only the attention score is used.
     """
 
-    def __init__(self, keep_ratio: float = 0.6, gamma: float = 0.5, loss: str = "divergence", warmup_steps: int = 0):
+    def __init__(self, keep_ratio: float = 0.6, gamma: float = 0.5, loss: str = "nll", warmup_steps: int = 0):
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
         if not 0.0 <= gamma <= 1.0:
