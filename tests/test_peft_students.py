@@ -11,6 +11,8 @@ from peft import LoraConfig, PeftModel
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from conftest import tiny_args  # noqa: E402
+
 from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
 from trl_tip._compat import GKDTrainer  # noqa: E402
 from trl_tip.models import is_quantized  # noqa: E402
@@ -41,26 +43,8 @@ def student_dir(tmp_path_factory, tokenizer):
 
 
 def _args(tmp_path, **overrides) -> TIPConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        lmbda=1.0,
-        beta=0.5,
-        temperature=1.0,
-        max_new_tokens=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        token_selection="entropy_sample",
-        keep_ratio=0.5,
-    )
-    kwargs.update(overrides)
-    return TIPConfig(**kwargs)
+    defaults = dict(max_steps=2, learning_rate=1e-2, beta=0.5, temperature=1.0, max_new_tokens=4)
+    return tiny_args(tmp_path, **{**defaults, "token_selection": "entropy_sample", "keep_ratio": 0.5, **overrides})
 
 
 def _lora(**overrides) -> LoraConfig:

@@ -312,22 +312,14 @@ def test_load_token_dump_rejects_other_json(tmp_path):
 
 def test_token_dump_added_later_with_gradient_accumulation(tmp_path):
     """`add_callback` binds the callback too; under accumulation the last micro-batch of each dumped step is kept."""
-    from trl_tip import TIPConfig, TIPTrainer
+    from conftest import tiny_args
+
+    from trl_tip import TIPTrainer
     from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
 
     tokenizer = make_tokenizer()
-    args = TIPConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        lmbda=1.0,
-        max_new_tokens=4,
-        save_strategy="no",
-        report_to="none",
-        token_selection="entropy_sample",
+    args = tiny_args(
+        tmp_path, max_steps=2, gradient_accumulation_steps=2, max_new_tokens=4, token_selection="entropy_sample"
     )
     trainer = TIPTrainer(
         model=make_model(tokenizer, 32, 1, seed=1),

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_args
 
 from trl_tip import (
     HistoryEMACallback,
@@ -16,7 +17,6 @@ from trl_tip import (
     QuadrantSubset,
     SelectionContext,
     SSToken,
-    TIPConfig,
     TIPTrainer,
     TokenSignals,
     Union,
@@ -60,21 +60,7 @@ def make_context(quadrant, extras, step=0, training=True):
 
 
 def base_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        per_device_train_batch_size=4,
-        max_new_tokens=5,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        lmbda=1.0,
-        token_selection="sstoken",
-    )
-    defaults.update(kwargs)
-    return TIPConfig(**defaults)
+    return tiny_args(tmp_path, **{"max_new_tokens": 5, "token_selection": "sstoken", **kwargs})
 
 
 # ----------------------------------------------------------------------------- history model

@@ -29,9 +29,15 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_all_equals_gkd_loss_and_gradients(tmp_path, student, teacher, tokenizer, dataset):
-    gkd = make_trainer(tmp_path / "gkd", copy.deepcopy(student), teacher, tokenizer, dataset, GKDTrainer, lmbda=0.0)
-    tip = make_trainer(tmp_path / "tip", student, teacher, tokenizer, dataset, token_selection="all", lmbda=0.0)
+@pytest.mark.parametrize("beta", [0.5, 0.3])
+def test_all_equals_gkd_loss_and_gradients(tmp_path, student, teacher, tokenizer, dataset, beta):
+    """`all` takes the fused path (signals read off the loss pass) and equals GKD's loss and gradients."""
+    gkd = make_trainer(
+        tmp_path / "gkd", copy.deepcopy(student), teacher, tokenizer, dataset, GKDTrainer, lmbda=0.0, beta=beta
+    )
+    tip = make_trainer(
+        tmp_path / "tip", student, teacher, tokenizer, dataset, token_selection="all", lmbda=0.0, beta=beta
+    )
     batch = first_batch(tip)
     n = count_items(batch)
     for trainer in (gkd, tip):
@@ -46,6 +52,7 @@ def test_all_equals_gkd_loss_and_gradients(tmp_path, student, teacher, tokenizer
     assert set(g_gkd) == set(g_tip) and len(g_tip) > 0
     for name in g_gkd:
         torch.testing.assert_close(g_tip[name], g_gkd[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert tip.tip_statistics.compute(None, num_steps=1)["tip/kept_frac"] == 1.0
     # Without num_items_in_batch (eval) both are the mean over the micro-batch's tokens.
     with torch.no_grad():
         gkd.model.eval()
