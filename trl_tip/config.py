@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ._compat import GKDConfig
 from .history import HISTORY_DEVICES, HISTORY_MODES
 from .selection import QUADRANTS, TOKEN_SELECTIONS, parse_quadrants
-from .selection.sstoken import SSTOKEN_LOSSES
+from .selection.sstoken import DEFAULT_SSTOKEN_LOSS, SSTOKEN_LOSSES
 from .signals import DIVERGENCES
 
 
@@ -19,7 +19,7 @@ DEFAULT_KEEP_RATIOS = {"sstoken": 0.6}
 # Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise).
 SSTOKEN_DEFAULTS = {
     "sstoken_gamma": 0.5,
-    "sstoken_loss": "nll",
+    "sstoken_loss": DEFAULT_SSTOKEN_LOSS,
     "sstoken_history": "ema",
     "sstoken_ema_decay": 0.9,
     "sstoken_ema_update_interval": 1,

@@ -191,9 +191,11 @@ def make_gkd_counter(counter):
     return CountingGKDTrainer
 
 
-def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, on_cpu):
+def distil(rule, setup, cfg, seed, out_dir, on_cpu):
+    """Distils a copy of the initial student of `setup` with `rule` and scores it."""
     name, kind, selection, extra = rule
-    student = copy.deepcopy(student0)
+    tokenizer = setup.tokenizer
+    student = copy.deepcopy(setup.student)
     lr = cfg.lr_for.get(name, cfg.lr)
     common = dict(
         output_dir=str(out_dir / "tmp" / f"{os.getpid()}"),
@@ -221,7 +223,7 @@ def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, 
         args = TIPConfig(**common, token_selection=selection, **extra)
         trainer_cls = TIPTrainer
     trainer = trainer_cls(
-        model=student, teacher_model=teacher, args=args, train_dataset=train, processing_class=tokenizer
+        model=student, teacher_model=setup.teacher, args=args, train_dataset=setup.train, processing_class=tokenizer
     )
     trainer.remove_callback(PrinterCallback)  # one summary line per run instead of every log
     positions = None
@@ -248,7 +250,7 @@ def distil(rule, student0, teacher, tokenizer, train, test, cfg, seed, out_dir, 
         eligible = sum(e["tip/tokens_eligible"] * w for e, w in zip(step_logs, windows, strict=True))
     losses = [entry["loss"] for entry in logs if "loss" in entry]
     samples: list[str] = []
-    acc = accuracy(trainer.model, tokenizer, test, cfg.max_new_tokens, samples=samples)
+    acc = accuracy(trainer.model, tokenizer, setup.test, cfg.max_new_tokens, samples=samples)
     return {
         "rule": name,
         "seed": seed,
@@ -334,8 +336,8 @@ def plot(results, bounds, names, path):
 POSITION_LABELS = list("a+b+c=ss ") * 3 + list("=sss") + ["s/end", "end"]
 
 
-def plot_positions(results, names, path) -> bool:
-    """Kept share by completion position (mean over seeds), one line per TIP rule; False when there is nothing."""
+def plot_positions(results, names, path) -> None:
+    """Kept share by completion position (mean over seeds), one line per TIP rule; nothing when no run has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,17 +346,18 @@ def plot_positions(results, names, path) -> bool:
     fig, ax = plt.subplots(figsize=(11, 4.2))
     drawn = False
     for name in names:
-        rows = [r["kept_by_position"] for r in results if r["rule"] == name and r.get("kept_by_position")]
+        # Positions are int keys in memory and str keys once read back from JSON.
+        rows = [{int(p): v for p, v in r["kept_by_position"].items()} for r in results
+                if r["rule"] == name and r.get("kept_by_position")]  # fmt: skip
         if not rows or name == "TIP all":
             continue
-        positions = sorted({int(p) for row in rows for p in row})
-        means = [statistics.fmean(float(row[str(p)] if str(p) in row else row[p]) for row in rows
-                                  if str(p) in row or p in row) for p in positions]  # fmt: skip
+        positions = sorted({p for row in rows for p in row})
+        means = [statistics.fmean(row[p] for row in rows if p in row) for p in positions]
         ax.plot(positions, means, marker=".", label=name)
         drawn = True
     if not drawn:
         plt.close(fig)
-        return False
+        return
     ax.set_xticks(range(len(POSITION_LABELS)))
     ax.set_xticklabels(POSITION_LABELS, fontsize=7)
     ax.set_xlabel("completion position (a, b: copied digits, c: carry, s: sum digits, end: end token)")
@@ -365,7 +368,6 @@ def plot_positions(results, names, path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def parse(argv=None):
@@ -519,13 +521,23 @@ def _worker_run(rule, seed, deadline):
         return None
     cfg, setup = _WORKER["cfg"], _WORKER["setup"]
     random.seed(seed)
-    return distil(rule, setup.student, setup.teacher, setup.tokenizer, setup.train, setup.test, cfg, seed,
-                  Path(cfg.out), _WORKER["on_cpu"])  # fmt: skip
+    return distil(rule, setup, cfg, seed, Path(cfg.out), _WORKER["on_cpu"])
 
 
 # Settings that must agree for runs to be merged into one table.
 MERGE_KEYS = ("n_train", "n_test", "teacher_hidden", "teacher_layers", "student_hidden", "student_layers", "steps",
               "batch", "lr", "lr_for", "max_new_tokens")  # fmt: skip
+
+
+def write_outputs(record: dict, names: list[str], out: Path) -> None:
+    """Adds the table to `record`, writes quality.json/.md and the two plots to `out`, prints the table."""
+    record["table"] = summarise(record["results"], record["bounds"], names)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(record, indent=1))
+    (out / "quality.md").write_text(record["table"] + "\n")
+    plot(record["results"], record["bounds"], names, out / "quality.png")
+    plot_positions(record["results"], names, out / "quality_positions.png")
+    print(record["table"], flush=True)
 
 
 def merge(cfg, out: Path) -> dict:
@@ -556,13 +568,7 @@ def merge(cfg, out: Path) -> dict:
                 names.append(name)
     results.sort(key=lambda r: (r["seed"], names.index(r["rule"])))
     record = {**first, "results": results, "merged_from": list(cfg.merge)}
-    record["table"] = summarise(results, first["bounds"], names)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(record, indent=1))
-    (out / "quality.md").write_text(record["table"] + "\n")
-    plot(results, first["bounds"], names, out / "quality.png")
-    plot_positions(results, names, out / "quality_positions.png")
-    print(record["table"], flush=True)
+    write_outputs(record, names, out)
     return record
 
 
@@ -628,8 +634,7 @@ def main(argv=None) -> dict:
                 continue
             t0 = time.time()
             random.seed(seed)
-            done(rule, seed, distil(rule, setup.student, setup.teacher, tokenizer, setup.train, setup.test, cfg,
-                                    seed, out, on_cpu))  # fmt: skip
+            done(rule, seed, distil(rule, setup, cfg, seed, out, on_cpu))
             run_times.append(time.time() - t0)
     else:
         # Runs start in seed-major order; a run not started by the deadline is skipped.
@@ -641,14 +646,8 @@ def main(argv=None) -> dict:
             for rule, seed, future in futures:
                 done(rule, seed, future.result())
         record["results"].sort(key=lambda r: (r["seed"], names.index(r["rule"])))
-    table = summarise(record["results"], bounds, names)
-    record["table"] = table
     record["total_s"] = time.time() - start
-    write()
-    (out / "quality.md").write_text(table + "\n")
-    plot(record["results"], bounds, names, out / "quality.png")
-    plot_positions(record["results"], names, out / "quality_positions.png")
-    print(table, flush=True)
+    write_outputs(record, names, out)
     return record
 
 

@@ -13,6 +13,7 @@ from .base import (
     validate_selection,
 )
 from .sstoken import (
+    DEFAULT_SSTOKEN_LOSS,
     PROMPT_ATTENTION,
     SSTOKEN_LOSSES,
     Intersect,
@@ -77,7 +78,7 @@ def build_selector(args) -> TokenSelector:
         return SSToken(
             keep_ratio,
             gamma=args.sstoken_gamma,
-            loss=args.sstoken_loss or "nll",
+            loss=args.sstoken_loss or DEFAULT_SSTOKEN_LOSS,
             warmup_steps=args.sstoken_warmup_steps or 0,
         )
     raise ValueError(f"Unknown token_selection {rule!r}; allowed values: {', '.join(TOKEN_SELECTIONS)}.")

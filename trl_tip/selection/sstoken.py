@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 SSTOKEN_LOSSES = ("nll", "divergence")
+DEFAULT_SSTOKEN_LOSS = "nll"  # the paper's REL; on the quality benchmark "divergence" collapsed the student
 PROMPT_ATTENTION = "prompt_attention"
 
 
@@ -176,7 +177,9 @@ class SSToken:
         warmup_steps (`int`, *optional*, defaults to `0`): Steps during which only the attention score is used.
     """
 
-    def __init__(self, keep_ratio: float = 0.6, gamma: float = 0.5, loss: str = "nll", warmup_steps: int = 0):
+    def __init__(
+        self, keep_ratio: float = 0.6, gamma: float = 0.5, loss: str = DEFAULT_SSTOKEN_LOSS, warmup_steps: int = 0
+    ):
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
         if not 0.0 <= gamma <= 1.0:
