@@ -117,15 +117,13 @@ def _step(trainer, dataset) -> dict:
     step_tokens = acc.reduce(eligible.clone(), reduction="sum") if acc.num_processes > 1 else eligible
 
     thresholds, kept_here = [], []
-    select_tokens = trainer.select_tokens
 
-    def recording_select(signals, *args, **kwargs):
-        weights, quadrant, pair = select_tokens(signals, *args, **kwargs)
-        thresholds.append(pair)
-        kept_here.append(int((weights > 0).sum()))
-        return weights, quadrant, pair
+    class Recorder:
+        def on_selection(self, record, engine):
+            thresholds.append((record.entropy_threshold, record.divergence_threshold))
+            kept_here.append(int(record.kept.sum()))
 
-    trainer.select_tokens = recording_select
+    trainer.tip_engine.add_observer(Recorder())
     model = trainer.model
     model.train()
     for p in model.parameters():

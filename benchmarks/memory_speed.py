@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import trl_tip  # noqa: E402
-import trl_tip.trainer as tip_trainer_module  # noqa: E402
+import trl_tip.engine as tip_engine_module  # noqa: E402
 from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
 from trl_tip._compat import GKDConfig, GKDTrainer  # noqa: E402
 from trl_tip.selection import TOKEN_SELECTIONS  # noqa: E402
@@ -180,16 +180,16 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, device: torch.devi
 
 
 class SelectionTimer:
-    """Times `compute_token_signals` and `TIPTrainer.select_tokens` inside the step (CUDA events, no extra sync)."""
+    """Times `compute_token_signals` and `TokenSelectionEngine.select` inside the step (CUDA events, no extra sync)."""
 
     def __init__(self, trainer, device: torch.device):
         self.cuda = device.type == "cuda"
         self.spans: list[tuple] = []
         self._patched = []
-        for owner, name in ((tip_trainer_module, "compute_token_signals"), (trainer, "select_tokens")):
+        for owner, name in ((tip_engine_module, "compute_token_signals"), (trainer.tip_engine, "select")):
             original = getattr(owner, name)
             setattr(owner, name, self._wrap(original))
-            self._patched.append((owner, name, original, owner is trainer))
+            self._patched.append((owner, name, original, owner is trainer.tip_engine))
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):

@@ -54,3 +54,22 @@ def tiny_args(tmp_path, **overrides):
     )
     kwargs.update(overrides)
     return TIPConfig(**kwargs)
+
+
+class RecordSelections:
+    """An observer of a trl-tip trainer's engine: keeps every `SelectionRecord` (training ones, unless told)."""
+
+    def __init__(self, training_only: bool = True):
+        self.training_only = training_only
+        self.records = []
+
+    def on_selection(self, record, engine):
+        if record.training or not self.training_only:
+            self.records.append(record)
+
+
+def record_selections(trainer, training_only: bool = True) -> RecordSelections:
+    """Registers and returns a [`RecordSelections`] observer on `trainer`'s engine."""
+    recorder = RecordSelections(training_only)
+    trainer.tip_engine.add_observer(recorder)
+    return recorder

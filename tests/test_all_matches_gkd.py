@@ -3,6 +3,7 @@ computed by hand, and its loss and gradients equal GKD's on a batch labelled onl
 path, is checked against GKD in test_trainer.py.)"""
 
 import torch
+from conftest import record_selections
 
 from trl_tip import TIPConfig, TIPTrainer
 from trl_tip._compat import GKDConfig, GKDTrainer
@@ -50,17 +51,9 @@ def _loss_and_grads(trainer, batch):
 def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
     tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="entropy_topk", keep_ratio=0.5)
     batch = _batch(len(make_tokenizer()), seed=1)
-    kept = []
-    select = tip.select_tokens
-
-    def spy(signals, *args, **kwargs):
-        weights, quadrant, thresholds = select(signals, *args, **kwargs)
-        kept.append((signals, weights))
-        return weights, quadrant, thresholds
-
-    tip.select_tokens = spy
+    recorder = record_selections(tip)
     loss, _ = _loss_and_grads(tip, batch)
-    signals, weights = kept[0]
+    signals, weights = recorder.records[0].signals, recorder.records[0].weights
     assert 0 < int((weights > 0).sum()) < len(signals)
     with torch.no_grad():
         s = tip.model(input_ids=batch["input_ids"]).logits[:, :-1]
@@ -74,11 +67,10 @@ def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
 def test_budgeted_rule_gradients_equal_gkd_on_the_kept_labels(tmp_path):
     """A rule that keeps a subset trains exactly like GKD on a batch whose labels are only the kept tokens."""
     tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="quadrants", quadrants=["Q3", "Q1"])
-    tip.tip_capture_selection = True
+    recorder = record_selections(tip)
     batch = _batch(len(make_tokenizer()), seed=2)
     loss_tip, grads_tip = _loss_and_grads(tip, batch)
-    selection = tip.tip_last_selection
-    signals, weights = selection["signals"], selection["weights"]
+    signals, weights = recorder.records[-1].signals, recorder.records[-1].weights
     assert 0 < int((weights > 0).sum()) < len(signals)
     masked = dict(batch)
     labels = torch.full_like(batch["labels"], -100)

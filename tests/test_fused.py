@@ -38,7 +38,9 @@ def test_jsd_and_grad_matches_autograd(beta):
 def test_chunk_signals_match_reference(divergence, beta):
     s, t = _logits(n=6, v=13, seed=3)
     targets = torch.tensor([0, 5, 12, 3, 3, 7])
-    entropy, tent, div, loss, slp, tlp, ok, grad = chunk_signals(s, t, targets, beta, divergence, with_grad=True)
+    entropy, tent, div, loss, slp, tlp, ok, grad, extras = chunk_signals(
+        s, t, targets, beta, divergence, with_grad=True, extra=("jsd", "reverse_kl", "forward_kl")
+    )
     assert ok.all()
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(entropy.double(), normalized_entropy(s).double(), **close)
@@ -48,6 +50,34 @@ def test_chunk_signals_match_reference(divergence, beta):
     torch.testing.assert_close(slp.double(), token_log_probs(s, targets).double(), **close)
     torch.testing.assert_close(tlp.double(), token_log_probs(t, targets).double(), **close)
     torch.testing.assert_close(grad.double(), jsd_and_grad(s, t, beta)[1].double(), **close)
+    for name, value in zip(("jsd", "reverse_kl", "forward_kl"), extras):
+        torch.testing.assert_close(value.double(), divergence_from_logits(s, t, name).double(), **close)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_loss_axis_is_the_per_token_loss(beta):
+    s, t = _logits(n=6, v=13, seed=4)
+    targets = torch.tensor([0, 5, 12, 3, 3, 7])
+    _, _, div, loss, *_ = chunk_signals(s, t, targets, beta, "loss")
+    torch.testing.assert_close(div, loss)
+    torch.testing.assert_close(loss.double(), generalized_jsd(s, t, beta), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_temperature_scales_the_loss_and_its_gradient_only(beta):
+    s, t = _logits(n=5, v=11, seed=6)
+    targets = torch.tensor([0, 1, 2, 3, 4])
+    temperature = 0.7
+    entropy, _, div, loss, *_, grad, _ = chunk_signals(s, t, targets, beta, "jsd", True, temperature)
+    leaf = s.clone().requires_grad_(True)
+    ref = generalized_jsd(leaf / temperature, t / temperature, beta)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), leaf)
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref.detach(), **close)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    # Entropy and the divergence axis stay at temperature 1.
+    torch.testing.assert_close(entropy.double(), normalized_entropy(s).double(), **close)
+    torch.testing.assert_close(div.double(), divergence_from_logits(s, t, "jsd").double(), **close)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
@@ -56,7 +86,7 @@ def test_chunk_signals_flag_non_finite_rows(bad, teacher_row):
     s, t = _logits(n=4, v=9, seed=5)
     (t if teacher_row else s)[2, 3] = bad
     targets = torch.tensor([1, 2, 3, 4])
-    *values, ok, grad = chunk_signals(s, t, targets, 0.5, "jsd", with_grad=True)
+    *values, ok, grad, _ = chunk_signals(s, t, targets, 0.5, "jsd", with_grad=True)
     assert ok.tolist() == [True, True, False, True]
     for value in values:
         assert torch.isfinite(value).all() and value[2] == 0
@@ -64,25 +94,39 @@ def test_chunk_signals_flag_non_finite_rows(bad, teacher_row):
     torch.testing.assert_close(values[0][ok].double(), normalized_entropy(s[ok]).double())
 
 
-def _heads(d=8, dt=12, v=17, softcap=None, seed=0):
+def _heads(d=8, dt=12, v=17, softcap=None, seed=0, scale=1.0, bias=False):
     torch.manual_seed(seed)
-    student = nn.Linear(d, v, bias=False).double()
-    teacher = nn.Linear(dt, v, bias=False).double()
-    return OutputHead(student, softcap), OutputHead(teacher, softcap)
+    student = nn.Linear(d, v, bias=bias).double()
+    teacher = nn.Linear(dt, v, bias=bias).double()
+    return OutputHead(student, softcap, scale), OutputHead(teacher, softcap, scale)
 
 
-@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_output_head_applies_scale_then_softcap():
+    head, _ = _heads(softcap=4.0, scale=0.5, bias=True)
+    h = torch.randn(3, 8, dtype=torch.float64)
+    raw = h @ head.module.weight.t() + head.module.bias
+    torch.testing.assert_close(head(h), 4.0 * torch.tanh(0.5 * raw / 4.0))
+
+
+@pytest.mark.parametrize(
+    "softcap, scale, bias", [(None, 1.0, False), (4.0, 1.0, False), (None, 0.25, True), (3.0, 2.0, True)]
+)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_kept_token_jsd_grads_match_autograd(softcap, beta):
-    head, teacher_head = _heads(softcap=softcap)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_kept_token_jsd_grads_match_autograd(softcap, scale, bias, beta, temperature):
+    head, teacher_head = _heads(softcap=softcap, scale=scale, bias=bias)
     torch.manual_seed(1)
     hidden = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
     teacher_hidden = torch.randn(7, 12, dtype=torch.float64)
     weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0, 3.0], dtype=torch.float64)
-    loss = kept_token_jsd(hidden, teacher_hidden, head, teacher_head, weights, beta=beta, chunk_size=3)
-    grads = torch.autograd.grad(loss, (hidden, head.module.weight))
-    ref = (generalized_jsd(head(hidden), teacher_head(teacher_hidden), beta) * weights).sum()
-    ref_grads = torch.autograd.grad(ref, (hidden, head.module.weight))
+    loss = kept_token_jsd(
+        hidden, teacher_hidden, head, teacher_head, weights, beta=beta, chunk_size=3, temperature=temperature
+    )
+    params = (hidden, head.module.weight) + ((head.module.bias,) if bias else ())
+    grads = torch.autograd.grad(loss, params)
+    ref_jsd = generalized_jsd(head(hidden) / temperature, teacher_head(teacher_hidden) / temperature, beta)
+    ref = (ref_jsd * weights).sum()
+    ref_grads = torch.autograd.grad(ref, params)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-8)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -13,12 +13,12 @@ from trl_tip.selection import (
     QuadrantSubset,
     RandomTokens,
     SelectionContext,
-    SSToken,
     TypeAware,
     assign_quadrants,
     budget,
 )
 from trl_tip.signals import TokenSignals
+from trl_tip.sstoken import SSToken
 from trl_tip.stats import TIPStatistics
 
 

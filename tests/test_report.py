@@ -127,7 +127,8 @@ def _parse(page: str) -> _PageParser:
 
 def test_token_dump_writes_jsonl_with_expected_fields(demo_run):
     output_dir, trainer = demo_run
-    assert trainer.tip_capture_selection is False and trainer.tip_last_selection is None
+    dump = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TokenDumpCallback))
+    assert dump.pending is None  # nothing held after the run
     records = load_token_dump(output_dir / TOKEN_DUMP_NAME)
     assert [r["step"] for r in records] == [2, 2, 2, 4, 4, 4]
     tokenizer = trainer.processing_class
@@ -162,7 +163,7 @@ def test_token_dump_callback_validates_and_needs_a_tip_trainer():
         TokenDumpCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="max_completions"):
         TokenDumpCallback(max_completions=0)
-    with pytest.raises(RuntimeError, match="not bound to a TIPTrainer"):
+    with pytest.raises(RuntimeError, match="not bound to a trl-tip trainer"):
         TokenDumpCallback().on_train_begin(None, None, None)
 
 
@@ -330,9 +331,9 @@ def test_token_dump_added_later_with_gradient_accumulation(tmp_path):
     )
     callback = TokenDumpCallback(every_n_steps=1, max_completions=2, filename="dump.jsonl")
     trainer.add_callback(callback)
-    assert callback.trainer is trainer
+    assert callback.engine is trainer.tip_engine
     trainer.train()
     records = load_token_dump(tmp_path / "dump.jsonl")
     assert [r["step"] for r in records] == [1, 1, 2, 2]
     assert [r["row"] for r in records] == [0, 1, 0, 1]
-    assert trainer.tip_capture_selection is False and trainer.tip_last_selection is None
+    assert callback.pending is None

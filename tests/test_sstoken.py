@@ -22,9 +22,9 @@ from trl_tip import (
     Union,
     build_selector,
 )
-from trl_tip.attention import capture_last_attention_inputs, prompt_attention_mass, prompt_mass_from_qk
-from trl_tip.selection import per_sequence_minmax, per_sequence_top_k, retrospective_excess_loss, sstoken_score
 from trl_tip.signals import history_token_losses, token_log_probs
+from trl_tip.sstoken import per_sequence_minmax, per_sequence_top_k, retrospective_excess_loss, sstoken_score
+from trl_tip.sstoken.attention import capture_last_attention_inputs, prompt_attention_mass, prompt_mass_from_qk
 from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
 
 
@@ -374,18 +374,17 @@ def toy():
 
 
 class RecordingTrainer(TIPTrainer):
-    """Records the selection of every training micro-batch."""
+    """Records the selection of every training micro-batch: (step, weights, extras)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.records = []
+        self.tip_engine.add_observer(self)
 
-    def select_tokens(self, signals, extras=None, training=True):
-        out = super().select_tokens(signals, extras, training)
-        if training:
-            extras = {k: v.clone() for k, v in (extras or {}).items()}
-            self.records.append((self.state.global_step, out[0].clone(), extras))
-        return out
+    def on_selection(self, record, engine):
+        if record.training:
+            extras = {k: v.clone() for k, v in record.extras.items()}
+            self.records.append((record.global_step, record.weights.clone(), extras))
 
 
 def test_end_to_end_train_logs_sstoken_and_tip_metrics(tmp_path, toy):

@@ -1,9 +1,8 @@
 """trl-tip: on-policy distillation for TRL that trains only on the tokens that carry signal."""
 
-from .attention import capture_last_attention_inputs, prompt_attention_mass
-from .callbacks import HistoryEMACallback
-from .config import TIPConfig
-from .history import ModelHistory
+from .callbacks import SelectionCallback, SelectionScheduleCallback, linear_keep_ratio
+from .config import TIPArguments, TIPConfig, TIPDistillationConfig
+from .engine import SelectionRecord, TokenBatch, TokenSelectionEngine
 from .loss import OutputHead, kept_token_jsd
 from .selection import (
     AllTokens,
@@ -14,19 +13,25 @@ from .selection import (
     QuadrantSubset,
     RandomTokens,
     SelectionContext,
-    SSToken,
     TokenSelector,
     TypeAware,
     Union,
     build_selector,
 )
 from .signals import TokenSignals, compute_token_signals
+from .sstoken import (
+    HistoryEMACallback,
+    ModelHistory,
+    SSToken,
+    capture_last_attention_inputs,
+    prompt_attention_mass,
+)
 from .stats import TIPStatistics, metric_names
 from .token_dump import TokenDumpCallback
-from .trainer import TIPTrainer
+from .trainers import TIPDistillationTrainer, TIPTrainer
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AllTokens",
@@ -40,19 +45,28 @@ __all__ = [
     "QuadrantSubset",
     "RandomTokens",
     "SSToken",
+    "SelectionCallback",
     "SelectionContext",
+    "SelectionRecord",
+    "SelectionScheduleCallback",
+    "TIPArguments",
     "TIPConfig",
+    "TIPDistillationConfig",
+    "TIPDistillationTrainer",
     "TIPStatistics",
     "TIPTrainer",
+    "TokenBatch",
+    "TokenDumpCallback",
+    "TokenSelectionEngine",
     "TokenSelector",
     "TokenSignals",
-    "TokenDumpCallback",
     "TypeAware",
     "Union",
     "build_selector",
     "capture_last_attention_inputs",
     "compute_token_signals",
     "kept_token_jsd",
+    "linear_keep_ratio",
     "metric_names",
     "prompt_attention_mass",
 ]

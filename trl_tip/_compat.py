@@ -1,8 +1,49 @@
-"""Where TRL keeps GKD: `trl.experimental.gkd` since TRL 1.0, the top-level package before."""
+"""Every TRL / transformers API trl-tip uses that is private, experimental or moved between releases, in one place.
 
-try:
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-except ImportError:  # pragma: no cover - older TRL releases
-    from trl import GKDConfig, GKDTrainer
+Each name here has a contract test (`tests/test_compat.py`) that checks the behaviour trl-tip relies on, so that an
+upgrade that changes one breaks there, loudly, and not deep inside a training run. Tested with TRL 1.16 and
+transformers 5.17–5.23 (see `pyproject.toml` for the pins).
+"""
 
-__all__ = ["GKDConfig", "GKDTrainer"]
+from __future__ import annotations
+
+# Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+
+# GKD lives in `trl.experimental.gkd` since TRL 1.0 (top-level before); trl-tip requires TRL >= 1.16.
+from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+# TRL's chunked divergence kernel (Triton on GPU, torch elsewhere): per-token generalized JSD and entropy.
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+# Prepares a frozen teacher for DeepSpeed (ZeRO-3 shards it like the student).
+from trl.models import prepare_deepspeed
+
+# Reroutes a method call through a DDP/FSDP/DeepSpeed wrapper's forward (private in TRL).
+from trl.models.utils import _ForwardRedirection as ForwardRedirection
+from trl.models.utils import unwrap_model_for_generation
+
+# The mainline on-policy distillation trainer (TRL >= 1.16). `_compute_loss(unwrapped_student, inputs,
+# num_items_in_batch) -> (loss, entropy_sum, num_valid)` and `_get_last_hidden_state` are private: contract-tested.
+from trl.trainer.distillation_config import DistillationConfig
+from trl.trainer.distillation_trainer import DistillationTrainer
+
+# Gathers ZeRO-3 partitioned lm_head weights for a direct read (TRL's helper for fused losses).
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+__all__ = [
+    "PREFIX_CHECKPOINT_DIR",
+    "TRAINER_STATE_NAME",
+    "ChunkedDivergenceFunction",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "ForwardRedirection",
+    "GKDConfig",
+    "GKDTrainer",
+    "maybe_gather_lm_head_ctx",
+    "prepare_deepspeed",
+    "sort_checkpoints",
+    "unwrap_model_for_generation",
+]

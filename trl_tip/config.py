@@ -1,59 +1,54 @@
-"""`TIPConfig`: `GKDConfig` plus the options of token selection."""
+"""The configs: `TIPConfig(GKDConfig)` and `TIPDistillationConfig(DistillationConfig)`.
+
+The token-selection options are declared once, in the [`TIPArguments`] dataclass both configs inherit, and validated
+once, by [`TIPArguments.validate_tip_arguments`] against the rule registry (`trl_tip.selection.registry`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from ._compat import GKDConfig
-from .history import HISTORY_DEVICES, HISTORY_MODES
-from .selection import QUADRANTS, TOKEN_SELECTIONS, parse_quadrants
-from .selection.sstoken import DEFAULT_SSTOKEN_LOSS, SSTOKEN_LOSSES
+from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
+from ._compat import DistillationConfig, GKDConfig
+from .selection import QUADRANTS, parse_quadrants
+from .selection.registry import OPTIONS, RULES, get_rule
 from .signals import DIVERGENCES
 
 
-# Rules that keep a share of the tokens and therefore read `keep_ratio`.
-BUDGETED_SELECTIONS = ("random", "entropy_topk", "entropy_sample", "entropy_divergence_sample", "tip", "sstoken")
-DEFAULT_KEEP_RATIO = 0.5
-# Rules whose default keep ratio differs from DEFAULT_KEEP_RATIO (ssToken's reference default is 0.6).
-DEFAULT_KEEP_RATIOS = {"sstoken": 0.6}
-# Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise).
-SSTOKEN_DEFAULTS = {
-    "sstoken_gamma": 0.5,
-    "sstoken_loss": DEFAULT_SSTOKEN_LOSS,
-    "sstoken_history": "ema",
-    "sstoken_ema_decay": 0.9,
-    "sstoken_ema_update_interval": 1,
-    "sstoken_history_device": "same",
-    "sstoken_warmup_steps": 0,
-}
+__all__ = ["TIPArguments", "TIPConfig", "TIPDistillationConfig"]
 
 
 @dataclass
-class TIPConfig(GKDConfig):
+class TIPArguments:
     r"""
-    Configuration class for [`TIPTrainer`]: every option of TRL's `GKDConfig` plus the token-selection options.
+    The token-selection options shared by [`TIPConfig`] and [`TIPDistillationConfig`].
 
     Each completion token gets two signals, the student entropy `H` (divided by `ln V`) and the teacher–student
     divergence `D`. Thresholds on both split tokens into quadrants Q1 (high H, high D), Q2 (high H, low D), Q3 (low H,
     high D: confident and wrong) and Q4 (low H, low D). A selection rule keeps a subset, and the distillation loss is
     computed on the kept tokens only.
 
-    Args:
+    Parameters:
+        > Parameters that control which tokens are trained on
+
         token_selection (`str`, *optional*, defaults to `"entropy_sample"`):
-            Selection rule: `"all"` (every token, exactly GKD's loss), `"random"`, `"entropy_topk"`,
+            Selection rule: `"all"` (every token, exactly the trainer's own loss), `"random"`, `"entropy_topk"`,
             `"entropy_sample"`, `"entropy_divergence_sample"`, `"quadrants"`, `"tip"` or `"sstoken"`.
         keep_ratio (`float`, *optional*):
-            Share of the eligible tokens kept by the budgeted rules (`random`, `entropy_topk`, `entropy_sample`,
-            `entropy_divergence_sample`, `tip`, `sstoken`), in `(0, 1]`. Defaults to `0.5` for those rules (`0.6`
-            for `sstoken`, which keeps it per sequence); must stay unset for `all` and `quadrants`.
-        entropy_alpha (`float`, *optional*, defaults to `1.0`):
-            Exponent `alpha` on the entropy in the sampling weight `H^alpha * D^gamma`.
-        divergence_gamma (`float`, *optional*, defaults to `1.0`):
-            Exponent `gamma` on the divergence in the sampling weight of `entropy_divergence_sample`.
+            Share of the eligible tokens kept by the budgeted rules, in `(0, 1]`. Defaults to the rule's own default
+            (`0.5`; `0.6` for `sstoken`, which keeps it per sequence); must stay unset for `all` and `quadrants`.
+        entropy_alpha (`float`, *optional*):
+            `entropy_sample` and `entropy_divergence_sample` (default `1.0`): exponent `alpha` on the entropy in the
+            sampling weight `H^alpha * D^gamma`.
+        divergence_gamma (`float`, *optional*):
+            `entropy_divergence_sample` (default `1.0`): exponent `gamma` on the divergence in the sampling weight.
         quadrants (`list[str]`, *optional*):
-            Quadrants kept by the `quadrants` rule, e.g. `["Q3"]` or `["Q1", "Q3"]`.
-        tip_q3_share (`float`, *optional*, defaults to `0.5`):
-            Share of the `tip` rule's budget reserved for Q3 tokens.
+            `quadrants` only: quadrants kept, e.g. `["Q3"]` or `["Q1", "Q3"]`.
+        tip_q3_share (`float`, *optional*):
+            `tip` only (default `0.5`): share of the budget reserved for Q3 tokens.
+
+        > Parameters that control the signals and the quadrant split
+
         divergence (`str`, *optional*, defaults to `"jsd"`):
             Divergence of the second axis: `"jsd"` (symmetric, divided by `ln 2`, in `[0, 1]`), `"reverse_kl"`
             (`KL(student || teacher)`) or `"forward_kl"` (`KL(teacher || student)`).
@@ -70,58 +65,63 @@ class TIPConfig(GKDConfig):
             Likewise for the divergence split.
         tip_chunk_size (`int`, *optional*, defaults to `1024`):
             Positions whose full-vocabulary logits are materialised at once, in the signals and in the loss.
+
+        > Parameters of the `sstoken` rule (leave unset for other rules)
+
         sstoken_gamma (`float`, *optional*):
-            `sstoken` only (default `0.5`): weight of the retrospective excess loss in
-            `gamma * REL_norm + (1 - gamma) * attention`; `1` is REL only, `0` attention only (no history model).
+            Default `0.5`: weight of the retrospective excess loss in `gamma * REL_norm + (1 - gamma) * attention`;
+            `1` is REL only, `0` attention only (no history model).
         sstoken_loss (`str`, *optional*):
-            `sstoken` only (default `"nll"`): per-token loss of REL, `"nll"` (of the sampled token, the paper's
-            definition) or `"divergence"` (the token's distillation loss to the teacher).
+            Default `"nll"`: per-token loss of REL, `"nll"` (of the sampled token, the paper's definition) or
+            `"divergence"` (the token's distillation loss to the teacher).
         sstoken_history (`str`, *optional*):
-            `sstoken` only (default `"ema"`): history model, `"ema"` of the student's trainable weights or `"fixed"`
-            (the initial student).
+            Default `"ema"`: history model, `"ema"` of the student's trainable weights or `"fixed"` (the initial
+            student).
         sstoken_ema_decay (`float`, *optional*):
-            `sstoken` with `ema` history (default `0.9`): decay `alpha` of `θ_his ← alpha θ_his + (1 − alpha) θ`.
+            With `ema` history (default `0.9`): decay `alpha` of `θ_his ← alpha θ_his + (1 − alpha) θ`.
         sstoken_ema_update_interval (`int`, *optional*):
-            `sstoken` with `ema` history (default `1`): optimizer steps between EMA updates.
+            With `ema` history (default `1`): optimizer steps between EMA updates.
         sstoken_history_device (`str`, *optional*):
-            `sstoken` (default `"same"`): where the history copy lives, `"same"` (the student's device) or `"cpu"`.
+            Default `"same"`: where the history copy lives, `"same"` (the student's device) or `"cpu"`.
         sstoken_warmup_steps (`int`, *optional*):
-            `sstoken` (default `0`): first optimizer steps that select by the attention score alone.
+            Default `0`: first optimizer steps that select by the attention score alone.
     """
 
     token_selection: str = field(
         default="entropy_sample",
         metadata={
-            "help": "Selection rule: `all` (every token, exactly GKD's loss), `random`, `entropy_topk`, "
+            "help": "Selection rule: `all` (every token, exactly the trainer's own loss), `random`, `entropy_topk`, "
             "`entropy_sample`, `entropy_divergence_sample`, `quadrants`, `tip` or `sstoken`.",
-            "choices": list(TOKEN_SELECTIONS),
         },
     )
     keep_ratio: float | None = field(
         default=None,
         metadata={
-            "help": "Share of the eligible tokens kept by the budgeted rules (random, entropy_topk, entropy_sample, "
-            "entropy_divergence_sample, tip, sstoken), in (0, 1]. Defaults to 0.5 for those rules (0.6 for sstoken, "
-            "per sequence); leave unset for `all` and `quadrants`."
+            "help": "Share of the eligible tokens kept by the budgeted rules, in (0, 1]. Defaults to the rule's "
+            "default (0.5; 0.6 for sstoken, per sequence); leave unset for `all` and `quadrants`."
         },
     )
-    entropy_alpha: float = field(
-        default=1.0,
-        metadata={"help": "Exponent alpha on the entropy in the sampling weight H^alpha * D^gamma (>= 0)."},
-    )
-    divergence_gamma: float = field(
-        default=1.0,
+    entropy_alpha: float | None = field(
+        default=None,
         metadata={
-            "help": "Exponent gamma on the divergence in the sampling weight of `entropy_divergence_sample` (>= 0)."
+            "help": "entropy_sample, entropy_divergence_sample (default 1.0): exponent alpha on the entropy in the "
+            "sampling weight H^alpha * D^gamma (>= 0)."
+        },
+    )
+    divergence_gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "entropy_divergence_sample (default 1.0): exponent gamma on the divergence in the sampling weight "
+            "(>= 0)."
         },
     )
     quadrants: list[str] | None = field(
         default=None,
-        metadata={"help": "Quadrants kept by the `quadrants` rule, e.g. `Q3` or `Q1 Q3`."},
+        metadata={"help": "quadrants only: quadrants kept, e.g. `Q3` or `Q1 Q3`."},
     )
-    tip_q3_share: float = field(
-        default=0.5,
-        metadata={"help": "Share of the `tip` rule's budget reserved for Q3 (low entropy, high divergence) tokens."},
+    tip_q3_share: float | None = field(
+        default=None,
+        metadata={"help": "tip only (default 0.5): share of the budget reserved for Q3 (low H, high D) tokens."},
     )
     divergence: str = field(
         default="jsd",
@@ -173,7 +173,6 @@ class TIPConfig(GKDConfig):
         metadata={
             "help": "sstoken only (default `nll`): per-token loss of REL, `nll` (of the sampled token, the paper's "
             "definition) or `divergence` (the token's distillation loss to the teacher).",
-            "choices": list(SSTOKEN_LOSSES),
         },
     )
     sstoken_history: str | None = field(
@@ -181,7 +180,6 @@ class TIPConfig(GKDConfig):
         metadata={
             "help": "sstoken only (default `ema`): history model, `ema` (EMA of the student's trainable weights) or "
             "`fixed` (the initial student).",
-            "choices": list(HISTORY_MODES),
         },
     )
     sstoken_ema_decay: float | None = field(
@@ -195,8 +193,7 @@ class TIPConfig(GKDConfig):
     sstoken_history_device: str | None = field(
         default=None,
         metadata={
-            "help": "sstoken (default `same`): where the history weights live, `same` (student's device) or `cpu`.",
-            "choices": list(HISTORY_DEVICES),
+            "help": "sstoken (default `same`): where the history weights live, `same` (student's device) or `cpu`."
         },
     )
     sstoken_warmup_steps: int | None = field(
@@ -204,103 +201,68 @@ class TIPConfig(GKDConfig):
         metadata={"help": "sstoken (default 0): first optimizer steps that select by the attention score alone."},
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._validate_selection_options()
-        self._validate_sstoken_options()
+    def validate_tip_arguments(self) -> None:
+        """Checks every token-selection option and fills in the rule's defaults.
 
-    def _validate_sstoken_options(self) -> None:
-        given = [name for name in SSTOKEN_DEFAULTS if getattr(self, name) is not None]
-        if self.token_selection != "sstoken":
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)} only apply to token_selection='sstoken', got token_selection="
-                    f"{self.token_selection!r}. Leave them unset or use token_selection='sstoken'."
-                )
-            return
-        gamma = SSTOKEN_DEFAULTS["sstoken_gamma"] if self.sstoken_gamma is None else self.sstoken_gamma
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"sstoken_gamma must be in [0, 1], got {gamma}.")
-        self.sstoken_gamma = float(gamma)
-        if gamma == 0.0:
-            # Attention only: no history model, so its options would be silently ignored.
-            unused = [name for name in given if name != "sstoken_gamma"]
-            if unused:
-                raise ValueError(
-                    f"{', '.join(unused)} are not used with sstoken_gamma=0 (attention only, no history model); "
-                    "leave them unset or set sstoken_gamma > 0."
-                )
-            return
-        for name, default in SSTOKEN_DEFAULTS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, default)
-        if self.sstoken_loss not in SSTOKEN_LOSSES:
-            raise ValueError(
-                f"sstoken_loss={self.sstoken_loss!r} is unknown; allowed values: {', '.join(SSTOKEN_LOSSES)}."
-            )
-        if self.sstoken_history not in HISTORY_MODES:
-            raise ValueError(
-                f"sstoken_history={self.sstoken_history!r} is unknown; allowed values: {', '.join(HISTORY_MODES)}."
-            )
-        if self.sstoken_history_device not in HISTORY_DEVICES:
-            raise ValueError(
-                f"sstoken_history_device={self.sstoken_history_device!r} is unknown; allowed values: "
-                f"{', '.join(HISTORY_DEVICES)}."
-            )
-        if self.sstoken_history == "fixed":
-            unused = [name for name in ("sstoken_ema_decay", "sstoken_ema_update_interval") if name in given]
-            if unused:
-                raise ValueError(
-                    f"{', '.join(unused)} are not used with sstoken_history='fixed'; leave them unset or use "
-                    "sstoken_history='ema'."
-                )
-            self.sstoken_ema_decay = self.sstoken_ema_update_interval = None
-        else:
-            if not 0.0 <= self.sstoken_ema_decay < 1.0:
-                raise ValueError(f"sstoken_ema_decay must be in [0, 1), got {self.sstoken_ema_decay}.")
-            if int(self.sstoken_ema_update_interval) != self.sstoken_ema_update_interval or (
-                self.sstoken_ema_update_interval < 1
-            ):
-                raise ValueError(
-                    f"sstoken_ema_update_interval must be an integer >= 1, got {self.sstoken_ema_update_interval}."
-                )
-        if int(self.sstoken_warmup_steps) != self.sstoken_warmup_steps or self.sstoken_warmup_steps < 0:
-            raise ValueError(f"sstoken_warmup_steps must be an integer >= 0, got {self.sstoken_warmup_steps}.")
+        Raises:
+            ValueError: naming the option and the allowed values, for an unknown rule, a value out of range, or an
+                option given for a rule that does not read it.
+        """
+        rule = get_rule(self.token_selection)
+        # Which rule-specific options the user set (before defaults are filled in), for the cross-option checks.
+        given = {name for name in OPTIONS if getattr(self, name, None) is not None}
+        self._tip_given_options = given
 
-    def _validate_selection_options(self) -> None:
-        if self.token_selection not in TOKEN_SELECTIONS:
-            raise ValueError(
-                f"token_selection={self.token_selection!r} is not a selection rule; allowed values: "
-                f"{', '.join(TOKEN_SELECTIONS)}."
-            )
         if self.keep_ratio is not None:
-            if self.token_selection not in BUDGETED_SELECTIONS:
+            if not rule.budgeted:
+                budgeted = [name for name, spec in RULES.items() if spec.budgeted]
                 raise ValueError(
-                    f"keep_ratio is not used by token_selection={self.token_selection!r}; it applies to "
-                    f"{', '.join(BUDGETED_SELECTIONS)}. Leave keep_ratio unset."
+                    f"keep_ratio is not used by token_selection={rule.name!r}; it applies to {', '.join(budgeted)}. "
+                    "Leave keep_ratio unset."
                 )
             if not 0.0 < self.keep_ratio <= 1.0:
                 raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}.")
-        elif self.token_selection in BUDGETED_SELECTIONS:
-            self.keep_ratio = DEFAULT_KEEP_RATIOS.get(self.token_selection, DEFAULT_KEEP_RATIO)
-        if self.entropy_alpha < 0:
-            raise ValueError(f"entropy_alpha must be >= 0, got {self.entropy_alpha}.")
-        if self.divergence_gamma < 0:
-            raise ValueError(f"divergence_gamma must be >= 0, got {self.divergence_gamma}.")
-        if self.token_selection == "quadrants":
-            if not self.quadrants:
+        elif rule.budgeted:
+            self.keep_ratio = rule.default_keep_ratio
+
+        for name in sorted(given - set(rule.options)):
+            readers = [spec.name for spec in RULES.values() if name in spec.options]
+            if name == "quadrants":
                 raise ValueError(
-                    "token_selection='quadrants' needs `quadrants`, a non-empty subset of "
-                    f"{', '.join(QUADRANTS)} (e.g. quadrants=['Q3'])."
+                    f"quadrants is only used with token_selection='quadrants', got token_selection={rule.name!r}. "
+                    "Leave quadrants unset or use token_selection='quadrants'."
                 )
-            self.quadrants = [QUADRANTS[i - 1] for i in parse_quadrants(self.quadrants)]
-        elif self.quadrants:
             raise ValueError(
-                f"quadrants is only used with token_selection='quadrants', got token_selection="
-                f"{self.token_selection!r}. Leave quadrants unset or use token_selection='quadrants'."
+                f"{name} only applies to token_selection={' or '.join(repr(r) for r in readers)}, got "
+                f"token_selection={rule.name!r}. Leave {name} unset or use a rule that reads it."
             )
-        if not 0.0 <= self.tip_q3_share <= 1.0:
-            raise ValueError(f"tip_q3_share must be in [0, 1], got {self.tip_q3_share}.")
+        for name in rule.options:
+            spec = OPTIONS[name]
+            if getattr(self, name) is None:
+                if name in rule.required:
+                    raise ValueError(self._missing_option_message(rule.name, name))
+                setattr(self, name, spec.default)
+            value = getattr(self, name)
+            if spec.check is not None and value is not None:
+                message = spec.check(value)
+                if message:
+                    raise ValueError(message)
+        if rule.name == "quadrants":
+            self.quadrants = [QUADRANTS[i - 1] for i in parse_quadrants(self.quadrants)]
+        if rule.validate is not None:
+            rule.validate(self)
+        self._validate_signal_options()
+
+    @staticmethod
+    def _missing_option_message(rule: str, name: str) -> str:
+        if name == "quadrants":
+            return (
+                "token_selection='quadrants' needs `quadrants`, a non-empty subset of "
+                f"{', '.join(QUADRANTS)} (e.g. quadrants=['Q3'])."
+            )
+        return f"token_selection={rule!r} needs `{name}`."
+
+    def _validate_signal_options(self) -> None:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r} is unknown; allowed values: {', '.join(DIVERGENCES)}.")
         if self.divergence_top_k is not None and self.divergence_top_k < 1:
@@ -328,3 +290,32 @@ class TIPConfig(GKDConfig):
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
         if self.tip_chunk_size < 1:
             raise ValueError(f"tip_chunk_size must be >= 1, got {self.tip_chunk_size}.")
+
+
+def tip_argument_names() -> list[str]:
+    """Names of the fields [`TIPArguments`] adds to a trainer config."""
+    return [f.name for f in fields(TIPArguments)]
+
+
+@dataclass
+class TIPConfig(GKDConfig, TIPArguments):
+    r"""
+    Configuration class for [`TIPTrainer`]: every option of TRL's `GKDConfig` plus the token-selection options of
+    [`TIPArguments`].
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_tip_arguments()
+
+
+@dataclass
+class TIPDistillationConfig(DistillationConfig, TIPArguments):
+    r"""
+    Configuration class for [`TIPDistillationTrainer`]: every option of TRL's `DistillationConfig` plus the
+    token-selection options of [`TIPArguments`].
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_tip_arguments()

@@ -11,7 +11,7 @@ from .selection import TOKEN_SELECTIONS
 from .stats import METRIC_PREFIX, format_quadrant_table
 from .token_dump import TokenDumpCallback
 from .toy import arithmetic_dataset, make_model, make_tokenizer, pretrain
-from .trainer import TIPTrainer
+from .trainers import TIPTrainer
 
 
 __all__ = ["format_quadrant_table", "main", "run_demo"]

@@ -55,11 +55,20 @@ def _jsd_grad(ls, lt, ps, pt, extra, jsd, beta: float) -> torch.Tensor:
     return (1.0 - beta) * ps * (ls - lm - kl_s.unsqueeze(-1))
 
 
-def _jsd_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float):
-    ls = F.log_softmax(student_logits.float(), dim=-1)
-    lt = F.log_softmax(teacher_logits.float(), dim=-1)
+def _jsd_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float):
+    s, t = student_logits.float(), teacher_logits.float()
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    ls = F.log_softmax(s, dim=-1)
+    lt = F.log_softmax(t, dim=-1)
     jsd, ps, pt, extra = _jsd_parts(ls, lt, beta)
-    return jsd, _jsd_grad(ls, lt, ps, pt, extra, jsd, beta)
+    grad = _jsd_grad(ls, lt, ps, pt, extra, jsd, beta)
+    return jsd, grad / temperature if temperature != 1.0 else grad
+
+
+def _symmetric_jsd(ls: torch.Tensor, lt: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
+    lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
+    return (0.5 * (pt * (lt - lm)).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)) / math.log(2)
 
 
 def _chunk_signals(
@@ -69,39 +78,54 @@ def _chunk_signals(
     beta: float,
     divergence: str,
     with_grad: bool,
+    temperature: float,
+    extra: tuple[str, ...],
 ):
     s = student_logits.float()
     t = teacher_logits.float()
     ls = F.log_softmax(s, dim=-1)
     lt = F.log_softmax(t, dim=-1)
     log_v = math.log(s.size(-1)) if s.size(-1) > 1 else 1.0
-    loss, ps, pt, extra = _jsd_parts(ls, lt, beta)
-    if pt is None:
-        pt = lt.exp()
+    if temperature == 1.0:
+        lsl, ltl = ls, lt
+    else:
+        # The loss (and its gradient) at the trainer's temperature; every other signal at temperature 1.
+        lsl, ltl = F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+    loss, psl, ptl, jsd_extra = _jsd_parts(lsl, ltl, beta)
+    ps = psl if temperature == 1.0 else ls.exp()
+    pt = lt.exp() if (ptl is None or temperature != 1.0) else ptl
     entropy = -(ps * ls).sum(-1) / log_v
     teacher_entropy = -(pt * lt).sum(-1) / log_v
-    if divergence == "jsd":
-        if beta == 0.5:
-            div = loss / math.log(2)
-        else:
-            lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
-            div = (0.5 * (pt * (lt - lm)).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)) / math.log(2)
-    elif divergence == "reverse_kl":
-        div = (ps * (ls - lt)).sum(-1)
-    else:
-        div = (pt * (lt - ls)).sum(-1)
+    named = {}
+    for name in {divergence, *extra}:
+        if name == "loss":
+            named[name] = loss
+        elif name == "jsd":
+            named[name] = (
+                loss / math.log(2) if (beta == 0.5 and temperature == 1.0) else _symmetric_jsd(ls, lt, ps, pt)
+            )
+        elif name == "reverse_kl":
+            named[name] = loss if (beta == 1.0 and temperature == 1.0) else (ps * (ls - lt)).sum(-1)
+        else:  # forward_kl
+            named[name] = loss if (beta == 0.0 and temperature == 1.0) else (pt * (lt - ls)).sum(-1)
     idx = targets.unsqueeze(-1)
     slp = ls.gather(-1, idx).squeeze(-1)
     tlp = lt.gather(-1, idx).squeeze(-1)
     # Any inf or NaN logit makes that row's entropy NaN (inf - inf, 0 * -inf, or NaN propagating), so the finiteness
     # of both entropies tells exactly the rows whose logits are all finite, without another pass over the logits.
     ok = torch.isfinite(entropy) & torch.isfinite(teacher_entropy)
-    values = tuple(torch.where(ok, v, torch.zeros_like(v)) for v in (entropy, teacher_entropy, div, loss, slp, tlp))
+
+    def clean(v):
+        return torch.where(ok, v, torch.zeros_like(v))
+
+    values = tuple(clean(v) for v in (entropy, teacher_entropy, named[divergence], loss, slp, tlp))
     grad = None
     if with_grad:
-        grad = _jsd_grad(ls, lt, ps, pt, extra, loss, beta)
+        grad = _jsd_grad(lsl, ltl, psl, ptl, jsd_extra, loss, beta)
+        if temperature != 1.0:
+            grad = grad / temperature
         grad = torch.where(ok.unsqueeze(-1), grad, torch.zeros_like(grad))
-    return (*values, ok, grad)
+    return (*values, ok, grad, tuple(clean(named[name]) for name in extra))
 
 
 _COMPILED: dict[str, object] = {}
@@ -128,7 +152,7 @@ def _run(name: str, fn, *args):
 
 
 def jsd_and_grad(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token generalized JSD (as GKD computes it) and its gradient with respect to the student logits.
 
@@ -136,11 +160,12 @@ def jsd_and_grad(
         student_logits (`torch.Tensor`): Student logits of shape `(n, V)`.
         teacher_logits (`torch.Tensor`): Teacher logits of shape `(n, V)`.
         beta (`float`): Interpolation coefficient in `[0, 1]`.
+        temperature (`float`, *optional*, defaults to `1.0`): Both logits are divided by it first.
 
     Returns:
         `tuple`: The divergences, shape `(n,)`, and `d jsd_i / d student_logits[i]`, shape `(n, V)`, in float32.
     """
-    return _run("jsd_and_grad", _jsd_and_grad, student_logits, teacher_logits, float(beta))
+    return _run("jsd_and_grad", _jsd_and_grad, student_logits, teacher_logits, float(beta), float(temperature))
 
 
 def chunk_signals(
@@ -150,6 +175,8 @@ def chunk_signals(
     beta: float = 0.5,
     divergence: str = "jsd",
     with_grad: bool = False,
+    temperature: float = 1.0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, ...]:
     """Every per-token signal of a chunk of positions from one log-softmax per model.
 
@@ -161,13 +188,18 @@ def chunk_signals(
         teacher_logits (`torch.Tensor`): Teacher logits of shape `(n, V)`.
         targets (`torch.Tensor`): Next-token ids of shape `(n,)`.
         beta (`float`): `beta` of the generalized JSD training loss.
-        divergence (`str`): `"jsd"`, `"reverse_kl"` or `"forward_kl"` (no top-k restriction).
+        divergence (`str`): The second axis: `"loss"` (the per-token loss itself), `"jsd"`, `"reverse_kl"` or
+            `"forward_kl"` (no top-k restriction).
         with_grad (`bool`): Also return the gradient of the loss with respect to the student logits.
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the loss and its gradient (both logits
+            divided by it); the other signals are taken at temperature 1.
+        extra (`tuple[str, ...]`, *optional*): Further divergences to return, among `"jsd"`, `"reverse_kl"`,
+            `"forward_kl"` and `"loss"` (temperature 1).
 
     Returns:
-        `tuple`: `(entropy, teacher_entropy, divergence, loss, student_log_prob, teacher_log_prob, finite, grad)`, the
-        first seven of shape `(n,)` (float32, entropies divided by `ln V`; `finite` boolean), `grad` of shape `(n, V)`
-        or `None`.
+        `tuple`: `(entropy, teacher_entropy, divergence, loss, student_log_prob, teacher_log_prob, finite, grad,
+        extras)`, the first seven of shape `(n,)` (float32, entropies divided by `ln V`; `finite` boolean), `grad` of
+        shape `(n, V)` or `None`, `extras` a tuple with one `(n,)` tensor per name in `extra`.
     """
     return _run(
         f"chunk_signals_{bool(with_grad)}",
@@ -178,4 +210,6 @@ def chunk_signals(
         float(beta),
         divergence,
         bool(with_grad),
+        float(temperature),
+        tuple(extra),
     )

@@ -24,17 +24,38 @@ from .signals import generalized_jsd
 __all__ = ["OutputHead", "kept_token_jsd", "token_jsd_with_signals"]
 
 
+def logit_scale_of(config) -> float:
+    """The multiplier a causal LM applies to its `lm_head` output before any soft-capping (1 for most models).
+
+    As TRL's `DistillationTrainer` reads it: `logit_scale` (Cohere), `output_multiplier`, `lm_head_multiplier`
+    (Falcon-H1), or `1 / logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies by it).
+    """
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
 class OutputHead:
-    """How a causal LM turns final hidden states into logits: its output embedding, then optional soft-capping.
+    """How a causal LM turns final hidden states into logits: its output embedding, a scale, optional soft-capping.
+
+    `logits = softcap * tanh(scale * lm_head(h) / softcap)` (without soft-capping: `scale * lm_head(h)`), as the
+    model's own forward computes them.
 
     Args:
         module (`torch.nn.Module`): The model's output embedding (`model.get_output_embeddings()`).
         softcap (`float`, *optional*): `final_logit_softcapping` of the config (Gemma 2 style), if any.
+        scale (`float`, *optional*, defaults to `1.0`): Multiplier of the raw logits (see [`logit_scale_of`]).
     """
 
-    def __init__(self, module: nn.Module, softcap: float | None = None):
+    def __init__(self, module: nn.Module, softcap: float | None = None, scale: float = 1.0):
         self.module = module
         self.softcap = softcap
+        self.scale = float(scale)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> OutputHead:
@@ -43,13 +64,27 @@ class OutputHead:
         if head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); it is not a causal LM.")
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cls(head, getattr(config, "final_logit_softcapping", None))
+        return cls(head, getattr(config, "final_logit_softcapping", None), logit_scale_of(config))
+
+    @property
+    def transforms(self) -> bool:
+        """Whether the raw `lm_head` output is scaled or soft-capped."""
+        return bool(self.softcap) or self.scale != 1.0
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """Applies the soft-capping, if any."""
+        """Applies the scale and the soft-capping, if any, to raw `lm_head` outputs."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
         if self.softcap:
             return torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def cap_grad(self, capped: torch.Tensor) -> torch.Tensor | float:
+        """`d cap(x) / d x` as a function of `cap(x)`: `scale * (1 - (cap(x) / softcap)^2)`."""
+        factor = self.scale
+        if self.softcap:
+            return factor * (1.0 - (capped / self.softcap).square())
+        return factor
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cap(self.module(hidden))
@@ -85,7 +120,18 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, teacher_hidden, token_weights, head, teacher_head, beta, chunk_size, signals
+        ctx,
+        hidden,
+        weight,
+        bias,
+        teacher_hidden,
+        token_weights,
+        head,
+        teacher_head,
+        beta,
+        chunk_size,
+        signals,
+        temperature,
     ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -105,12 +151,18 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
             with torch.no_grad():
                 teacher_logits = teacher_head(teacher_hidden[sl])
                 raw = F.linear(h, weight, bias)
-                student_logits = head.cap(raw.float()) if head.softcap else raw
+                student_logits = head.cap(raw.float()) if head.transforms else raw
                 if signals is None:
-                    per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta)
+                    per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta, temperature)
                 else:
-                    *values, ok, grad_logits = chunk_signals(
-                        student_logits, teacher_logits, signals["targets"][sl], beta, signals["divergence_kind"], True
+                    *values, ok, grad_logits, _ = chunk_signals(
+                        student_logits,
+                        teacher_logits,
+                        signals["targets"][sl],
+                        beta,
+                        signals["divergence_kind"],
+                        True,
+                        temperature,
                     )
                     signals["finite"][sl] = ok
                     for name, value in zip(SIGNAL_NAMES, values):
@@ -121,9 +173,9 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
                 if not any_grad:
                     continue
                 grad_logits = grad_logits * w.unsqueeze(-1)
-                if head.softcap:
-                    # d cap(x) / dx = 1 - tanh(x / c)^2 = 1 - (cap(x) / c)^2
-                    grad_logits = grad_logits * (1.0 - (student_logits / head.softcap).square())
+                if head.transforms:
+                    # d cap(x) / dx = scale * (1 - tanh(scale * x / c)^2) = scale * (1 - (cap(x) / c)^2)
+                    grad_logits = grad_logits * head.cap_grad(student_logits)
                 grad_raw = grad_logits.to(weight.dtype)
                 del grad_logits, student_logits, raw
                 if signals is not None:
@@ -153,7 +205,7 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
             grad_w = (grad_w * grad_output).to(ctx.dtypes[0])
         if grad_b is not None:
             grad_b = (grad_b * grad_output).to(ctx.dtypes[1])
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def kept_token_jsd(
@@ -164,6 +216,7 @@ def kept_token_jsd(
     token_weights: torch.Tensor,
     beta: float = 0.5,
     chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Weighted sum of the per-token generalized JSD over the kept positions, with grad, in chunks.
 
@@ -175,6 +228,7 @@ def kept_token_jsd(
         token_weights (`torch.Tensor`): Weight of each position, shape `(K,)` (1 for a plain keep-mask).
         beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient, as in GKD.
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+        temperature (`float`, *optional*, defaults to `1.0`): Both logits are divided by it before the divergence.
 
     Returns:
         `torch.Tensor`: Scalar float32 `sum_k token_weights[k] * jsd_k`, differentiable with respect to `hidden`
@@ -194,12 +248,13 @@ def kept_token_jsd(
             beta,
             chunk_size,
             None,
+            float(temperature),
         )
 
     def chunk_loss(h: torch.Tensor, t_hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = teacher_head(t_hidden).float()
-        return (generalized_jsd(head(h).float(), teacher_logits, beta) * w).sum()
+            teacher_logits = teacher_head(t_hidden).float() / temperature
+        return (generalized_jsd(head(h).float() / temperature, teacher_logits, beta) * w).sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
     if hidden.size(0) == 0:
@@ -223,6 +278,7 @@ def token_jsd_with_signals(
     beta: float = 0.5,
     divergence: str = "jsd",
     chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """The loss of every position and the per-token signals, in one pass over the logits (the `all` rule).
 
@@ -238,6 +294,7 @@ def token_jsd_with_signals(
         beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient.
         divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis (no top-k restriction).
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the loss (signals at temperature 1).
 
     Returns:
         `tuple` or `None`: The differentiable loss sum over the finite positions and a dict with `entropy`,
@@ -250,7 +307,17 @@ def token_jsd_with_signals(
     signals: dict = {"targets": targets, "divergence_kind": divergence}
     weights = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device)
     loss = _FusedLinearGeneralizedJSD.apply(
-        hidden, module.weight, module.bias, teacher_hidden, weights, head, teacher_head, beta, chunk_size, signals
+        hidden,
+        module.weight,
+        module.bias,
+        teacher_hidden,
+        weights,
+        head,
+        teacher_head,
+        beta,
+        chunk_size,
+        signals,
+        float(temperature),
     )
     del signals["targets"], signals["divergence_kind"]
     return loss, signals

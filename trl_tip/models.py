@@ -21,6 +21,7 @@ from trl import ModelConfig
 
 __all__ = [
     "TIPModelConfig",
+    "load_student_and_teacher",
     "get_quantization_config",
     "init_kwargs_are_quantized",
     "is_quantized",
@@ -267,3 +268,54 @@ def _disable_cpu_inference_repacking(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def load_student_and_teacher(
+    model,
+    teacher_model,
+    args,
+    peft_config,
+    quantization_config,
+    teacher_quantization_config,
+    trainer_name="TIPTrainer",
+):
+    """Loads a student / teacher given as id or path, checks and prepares a quantized student (QLoRA)."""
+    if isinstance(model, str):
+        init_kwargs = dict(args.model_init_kwargs or {})
+        if peft_config is None and (
+            init_kwargs_are_quantized(init_kwargs)
+            or init_kwargs_are_quantized({"quantization_config": quantization_config})
+        ):
+            raise ValueError(
+                f"The student {model!r} is to be loaded in 4 or 8 bits, and a quantized model cannot be fully "
+                "fine-tuned (its quantized weights get no gradients). Pass a peft_config (e.g. "
+                "peft.LoraConfig(target_modules='all-linear'), or --use_peft in the CLI), or load it unquantized."
+            )
+        model = load_causal_lm(model, init_kwargs, quantization_config, args.trust_remote_code, role="student")
+    elif quantization_config is not None or args.model_init_kwargs is not None:
+        raise ValueError(
+            "quantization_config and args.model_init_kwargs apply to a student given as a model id or path; the "
+            "student is already instantiated. Load it with the options you want, or pass its id or path."
+        )
+    if model is not None:
+        model = prepare_quantized_student(
+            model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs
+        )
+    if teacher_model is None:
+        teacher_model = args.teacher_model_name_or_path
+    if isinstance(teacher_model, str):
+        teacher_model = load_causal_lm(
+            teacher_model,
+            args.teacher_model_init_kwargs,
+            teacher_quantization_config,
+            args.trust_remote_code,
+            role="teacher",
+        )
+    elif teacher_quantization_config is not None or args.teacher_model_init_kwargs is not None:
+        raise ValueError(
+            "teacher_quantization_config and args.teacher_model_init_kwargs apply to a teacher given as a model id "
+            "or path; the teacher is already instantiated."
+        )
+    if teacher_model is None:
+        raise ValueError(f"{trainer_name} needs a teacher: pass teacher_model or set args.teacher_model_name_or_path.")
+    return model, teacher_model

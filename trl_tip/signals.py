@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from .fused import chunk_signals
 
 
-DIVERGENCES = ("jsd", "reverse_kl", "forward_kl")
+DIVERGENCES = ("jsd", "reverse_kl", "forward_kl", "loss")
+# Divergences a selector may ask for in `requires` besides the axis: computed in the same chunked pass (temperature 1).
+LOGIT_SIGNALS = ("jsd", "reverse_kl", "forward_kl")
 
 __all__ = [
     "DIVERGENCES",
+    "LOGIT_SIGNALS",
     "TokenSignals",
     "compute_token_signals",
     "divergence_from_logits",
@@ -99,8 +102,8 @@ def divergence_from_logits(
     Returns:
         `torch.Tensor`: Divergence of shape `(...)`, in float32.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"Unknown divergence {kind!r}; allowed values: {', '.join(DIVERGENCES)}.")
+    if kind not in LOGIT_SIGNALS:
+        raise ValueError(f"Unknown divergence {kind!r}; allowed values: {', '.join(LOGIT_SIGNALS)}.")
     student_logits = student_logits.float()
     teacher_logits = teacher_logits.float()
     if top_k is not None and top_k < teacher_logits.size(-1):
@@ -186,7 +189,10 @@ def compute_token_signals(
     divergence: str = "jsd",
     divergence_top_k: int | None = None,
     chunk_size: int = 1024,
-) -> TokenSignals:
+    extra: tuple[str, ...] = (),
+    temperature: float = 1.0,
+    return_extra: bool = False,
+) -> TokenSignals | tuple[TokenSignals, dict[str, torch.Tensor]]:
     """Computes the per-token signals from the final hidden states of the eligible positions, chunk by chunk.
 
     Args:
@@ -198,35 +204,40 @@ def compute_token_signals(
         seq_idx (`torch.Tensor`): Batch row of each position, shape `(N,)`.
         pos_idx (`torch.Tensor`): Position in the row of each position, shape `(N,)`.
         beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD training loss.
-        divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis, see
-            [`divergence_from_logits`].
+        divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis, `"loss"` or one of
+            [`divergence_from_logits`]'s.
         divergence_top_k (`int`, *optional*): Teacher top-k restriction of the divergence.
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+        extra (`tuple[str, ...]`, *optional*): Further divergences (`LOGIT_SIGNALS`) to compute in the same pass.
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the per-token loss (`loss`, and the
+            `"loss"` axis); the other signals are taken at temperature 1.
+        return_extra (`bool`, *optional*, defaults to `False`): Also return the `extra` divergences, as a dict.
 
     Returns:
-        [`TokenSignals`]: The signals of the `N` positions.
+        [`TokenSignals`]: The signals of the `N` positions (and the dict of `extra` divergences if `return_extra`).
     """
     n = targets.numel()
     device = targets.device
-    out = {name: torch.zeros(n, device=device) for name in ("entropy", "divergence", "loss", "slp", "tlp", "tent")}
+    names = ("entropy", "tent", "divergence", "loss", "slp", "tlp")
+    out = {name: torch.zeros(n, device=device) for name in (*names, *extra)}
     finite = torch.zeros(n, dtype=torch.bool, device=device)
     for sl in _positions(n, chunk_size):
         # The matmuls run in the heads' dtype; `chunk_signals` upcasts to float32 inside its fused kernels and
         # flags the rows with an inf or NaN logit (their signals are zero and they are never selected).
         s_logits = student_head(student_hidden[sl])
         t_logits = teacher_head(teacher_hidden[sl])
-        entropy, tent, div, loss, slp, tlp, ok, _ = chunk_signals(s_logits, t_logits, targets[sl], beta, divergence)
+        *values, ok, _, extras = chunk_signals(
+            s_logits, t_logits, targets[sl], beta, divergence, temperature=temperature, extra=tuple(extra)
+        )
         finite[sl] = ok
         if divergence_top_k is not None:
-            div = divergence_from_logits(s_logits, t_logits, divergence, divergence_top_k)
-        for name, value in zip(
-            ("entropy", "tent", "divergence", "loss", "slp", "tlp"), (entropy, tent, div, loss, slp, tlp)
-        ):
+            values[2] = divergence_from_logits(s_logits, t_logits, divergence, divergence_top_k)
+        for name, value in zip((*names, *extra), (*values, *extras)):
             out[name][sl] = value
         del s_logits, t_logits
     # `torch.where`, not a boolean-mask assignment: the latter waits for the GPU to count the mask.
     out = {name: torch.where(finite, value, torch.zeros_like(value)) for name, value in out.items()}
-    return TokenSignals(
+    signals = TokenSignals(
         entropy=out["entropy"],
         divergence=out["divergence"],
         loss=out["loss"],
@@ -237,6 +248,9 @@ def compute_token_signals(
         seq_idx=seq_idx,
         pos_idx=pos_idx,
     )
+    if return_extra:
+        return signals, {name: out[name] for name in extra}
+    return signals
 
 
 HISTORY_LOSSES = ("nll", "divergence")

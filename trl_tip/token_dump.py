@@ -10,10 +10,10 @@ import json
 import os
 from typing import Any
 
-from transformers import TrainerCallback
+from .callbacks import SelectionCallback
 
 
-__all__ = ["TOKEN_DUMP_NAME", "TokenDumpCallback", "token_records"]
+__all__ = ["TOKEN_DUMP_NAME", "TokenDumpCallback", "selection_dict", "token_records"]
 
 TOKEN_DUMP_NAME = "tip_tokens.jsonl"
 
@@ -24,13 +24,27 @@ def _decode_one(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def selection_dict(record) -> dict[str, Any]:
+    """The fields of a [`SelectionRecord`] that [`token_records`] reads, as a dict (detached, on the CPU)."""
+    return {
+        "input_ids": record.input_ids.cpu(),
+        "attention_mask": record.attention_mask.cpu(),
+        "labels": record.labels.cpu(),
+        "signals": record.signals,
+        "quadrant": record.quadrant.cpu(),
+        "weights": record.weights.cpu(),
+        "entropy_threshold": float(record.entropy_threshold),
+        "divergence_threshold": float(record.divergence_threshold),
+    }
+
+
 def token_records(selection: dict[str, Any], tokenizer: Any = None, max_completions: int | None = None) -> list[dict]:
-    """Turns a micro-batch captured by `TIPTrainer` (`trainer.tip_last_selection`) into one record per completion.
+    """Turns one micro-batch's selection into one record per completion.
 
     Args:
-        selection (`dict`): The capture: `input_ids`, `attention_mask`, `labels` `(B, T)`, the [`TokenSignals`]
-            `signals` of the `N` eligible positions, their `quadrant` and selection `weights` `(N,)`,
-            `entropy_threshold`, `divergence_threshold` and `step`.
+        selection (`dict`): [`selection_dict`] of a [`SelectionRecord`] plus the `step`: `input_ids`,
+            `attention_mask`, `labels` `(B, T)`, the [`TokenSignals`] `signals` of the `N` eligible positions, their
+            `quadrant` and selection `weights` `(N,)`, `entropy_threshold`, `divergence_threshold` and `step`.
         tokenizer (*optional*): Decodes token ids to text (`<id>` if `None`).
         max_completions (`int`, *optional*): Keep the first rows of the micro-batch only (all if `None`).
 
@@ -99,14 +113,14 @@ def token_records(selection: dict[str, Any], tokenizer: Any = None, max_completi
     return records
 
 
-class TokenDumpCallback(TrainerCallback):
+class TokenDumpCallback(SelectionCallback):
     """Every `every_n_steps` optimizer steps, appends the per-token signals of a few completions to JSONL.
 
-    Pass it to [`TIPTrainer`] (`callbacks=[TokenDumpCallback()]` or `trainer.add_callback(...)`): the trainer binds
-    itself to the callback, which then asks it to keep the last training micro-batch of the chosen steps (detached
-    signals, quadrants, weights and token ids; nothing is captured on other steps). At the end of such a step the
-    callback writes one JSON line per completion (see [`token_records`]) to `output_dir/tip_tokens.jsonl`. Only the
-    main process writes; on several processes the file holds the main process's completions.
+    Pass it to [`TIPTrainer`] or [`TIPDistillationTrainer`] (`callbacks=[TokenDumpCallback()]` or
+    `trainer.add_callback(...)`). It observes the selection engine: on the steps it dumps, it keeps the
+    [`SelectionRecord`] of the step's last training micro-batch (on the main process), and at the end of the step it
+    writes one JSON line per completion (see [`token_records`]) to `output_dir/tip_tokens.jsonl`. On several processes
+    the file holds the main process's completions.
 
     Args:
         every_n_steps (`int`, *optional*, defaults to `10`): Dump at steps `every_n_steps, 2 * every_n_steps, ...`.
@@ -122,40 +136,33 @@ class TokenDumpCallback(TrainerCallback):
         self.every_n_steps = int(every_n_steps)
         self.max_completions = int(max_completions)
         self.filename = filename
-        self.trainer = None
-
-    def bind_trainer(self, trainer) -> None:
-        """Called by `TIPTrainer` when the callback is added: the trainer whose micro-batches are captured."""
-        self.trainer = trainer
+        self.pending = None
 
     def _due(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None or not hasattr(self.trainer, "tip_capture_selection"):
-            raise RuntimeError(
-                "TokenDumpCallback is not bound to a TIPTrainer: pass it to TIPTrainer(callbacks=[...]) or "
-                "trainer.add_callback(...) of a TIPTrainer."
-            )
+        self._require_engine()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        # `global_step` is incremented after the step: the step about to run is number `global_step + 1`.
-        if state.is_world_process_zero and self._due(state.global_step + 1):
-            self.trainer.tip_capture_selection = True
+    def on_selection(self, record, engine) -> None:
+        # The micro-batch belongs to optimizer step `global_step + 1` (global_step counts the completed ones).
+        if record.training and engine.processes.process_index == 0 and self._due(record.global_step + 1):
+            if record.input_ids is None:
+                raise RuntimeError(
+                    "TokenDumpCallback needs the token ids in the selection record; the trainer gave none."
+                )
+            self.pending = record
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        selection = trainer.tip_last_selection
-        trainer.tip_capture_selection = False
-        trainer.tip_last_selection = None
-        if selection is None or not state.is_world_process_zero or not self._due(state.global_step):
+        record, self.pending = self.pending, None
+        if record is None or not state.is_world_process_zero or not self._due(state.global_step):
             return
-        selection = dict(selection, step=state.global_step)
+        selection = dict(selection_dict(record), step=state.global_step)
         records = token_records(selection, kwargs.get("processing_class"), self.max_completions)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, self.filename), "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for line in records:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return (

@@ -70,7 +70,7 @@ def run(script_args, training_args, model_args):
     from trl import get_peft_config
 
     from .models import get_quantization_config
-    from .trainer import TIPTrainer
+    from .trainers import TIPTrainer
 
     if model_args.model_name_or_path is None:
         raise ValueError("Set the student: model_name_or_path (a hub id or a local directory).")

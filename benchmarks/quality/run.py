@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from task import answer_of, make_splits  # noqa: E402
-from transformers import PrinterCallback, TrainerCallback  # noqa: E402
+from transformers import PrinterCallback  # noqa: E402
 
-from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
+from trl_tip import SelectionCallback, TIPConfig, TIPTrainer  # noqa: E402
 from trl_tip._compat import GKDConfig, GKDTrainer  # noqa: E402
 from trl_tip.toy import make_model, make_tokenizer  # noqa: E402
 
@@ -59,24 +59,22 @@ RULES = [
 SAMPLES = 4  # greedy completions of the distilled student kept per run
 
 
-class KeptByPosition(TrainerCallback):
-    """Counts, per completion position (0 = first completion token), how many tokens there were and how many kept."""
+class KeptByPosition(SelectionCallback):
+    """Counts, per completion position (0 = first completion token), how many tokens there were and how many kept
+    (every training micro-batch)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        trainer.tip_capture_selection = True
+    def __init__(self):
         self.total: collections.Counter = collections.Counter()
         self.kept: collections.Counter = collections.Counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        selection = self.trainer.tip_last_selection
-        if selection is None:
+    def on_selection(self, record, engine):
+        if not record.training:
             return
-        labels = selection["labels"][:, 1:]
-        signals = selection["signals"]
+        labels = record.labels[:, 1:]
+        signals = record.signals
         first = (labels != -100).int().argmax(1)
         position = (signals.pos_idx - first[signals.seq_idx]).tolist()
-        kept = (selection["weights"] > 0).tolist()
+        kept = (record.weights > 0).tolist()
         for p, k in zip(position, kept, strict=True):
             self.total[p] += 1
             self.kept[p] += int(k)
@@ -228,7 +226,7 @@ def distil(rule, setup, cfg, seed, out_dir, on_cpu):
     trainer.remove_callback(PrinterCallback)  # one summary line per run instead of every log
     positions = None
     if kind != "gkd":
-        positions = KeptByPosition(trainer)
+        positions = KeptByPosition()
         trainer.add_callback(positions)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""Selection rules: pure maps from per-token signals to a keep-mask or weights."""
+"""Selection rules: pure maps from per-token signals to a keep-mask or weights, and the registry that names them."""
 
 from __future__ import annotations
 
@@ -12,20 +12,9 @@ from .base import (
     top_k_mask,
     validate_selection,
 )
-from .sstoken import (
-    DEFAULT_SSTOKEN_LOSS,
-    PROMPT_ATTENTION,
-    SSTOKEN_LOSSES,
-    Intersect,
-    SSToken,
-    Union,
-    history_requirement,
-    per_sequence_minmax,
-    per_sequence_top_k,
-    retrospective_excess_loss,
-    sstoken_score,
-)
-from .tip import (
+from .compose import Intersect, Union
+from .registry import RULES, OptionSpec, RuleSpec, build_selector, get_rule, register_option, register_rule
+from .rules import (
     AllTokens,
     EntropyDivergenceSample,
     EntropySample,
@@ -37,66 +26,29 @@ from .tip import (
 )
 
 
-TOKEN_SELECTIONS = (
-    "all",
-    "random",
-    "entropy_topk",
-    "entropy_sample",
-    "entropy_divergence_sample",
-    "quadrants",
-    "tip",
-    "sstoken",
-)
+def __getattr__(name: str):
+    # The names of the registered rules; a function of the registry, so that rules registered by other packages
+    # (ssToken registers itself on import) are listed.
+    if name == "TOKEN_SELECTIONS":
+        from .. import sstoken  # noqa: F401  (registers the sstoken rule)
 
-
-def build_selector(args) -> TokenSelector:
-    """Builds the selector named by `args.token_selection` from the knobs of a [`TIPConfig`].
-
-    Args:
-        args ([`TIPConfig`]): The training configuration (already validated).
-
-    Returns:
-        [`TokenSelector`]: The selection rule.
-    """
-    rule = args.token_selection
-    keep_ratio = args.keep_ratio
-    if rule == "all":
-        return AllTokens()
-    if rule == "random":
-        return RandomTokens(keep_ratio)
-    if rule == "entropy_topk":
-        return EntropyTopK(keep_ratio)
-    if rule == "entropy_sample":
-        return EntropySample(keep_ratio, alpha=args.entropy_alpha)
-    if rule == "entropy_divergence_sample":
-        return EntropyDivergenceSample(keep_ratio, alpha=args.entropy_alpha, gamma=args.divergence_gamma)
-    if rule == "quadrants":
-        return QuadrantSubset(args.quadrants)
-    if rule == "tip":
-        return TypeAware(keep_ratio, q3_share=args.tip_q3_share)
-    if rule == "sstoken":
-        return SSToken(
-            keep_ratio,
-            gamma=args.sstoken_gamma,
-            loss=args.sstoken_loss or DEFAULT_SSTOKEN_LOSS,
-            warmup_steps=args.sstoken_warmup_steps or 0,
-        )
-    raise ValueError(f"Unknown token_selection {rule!r}; allowed values: {', '.join(TOKEN_SELECTIONS)}.")
+        return tuple(RULES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "PROMPT_ATTENTION",
     "QUADRANTS",
-    "SSTOKEN_LOSSES",
+    "RULES",
     "TOKEN_SELECTIONS",
     "AllTokens",
     "EntropyDivergenceSample",
     "EntropySample",
     "EntropyTopK",
     "Intersect",
+    "OptionSpec",
     "QuadrantSubset",
     "RandomTokens",
-    "SSToken",
+    "RuleSpec",
     "SelectionContext",
     "TokenSelector",
     "TypeAware",
@@ -104,13 +56,11 @@ __all__ = [
     "assign_quadrants",
     "budget",
     "build_selector",
-    "history_requirement",
+    "get_rule",
     "parse_quadrants",
-    "per_sequence_minmax",
-    "per_sequence_top_k",
-    "retrospective_excess_loss",
+    "register_option",
+    "register_rule",
     "sample_without_replacement",
-    "sstoken_score",
     "top_k_mask",
     "validate_selection",
 ]

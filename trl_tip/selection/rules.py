@@ -8,6 +8,7 @@ import torch
 
 from ..signals import TokenSignals
 from .base import QUADRANTS, SelectionContext, budget, sample_without_replacement, top_k_mask
+from .registry import OptionSpec, RuleSpec, register_option, register_rule
 
 
 __all__ = [
@@ -180,3 +181,86 @@ class TypeAware:
 
     def __repr__(self) -> str:
         return f"TypeAware(keep_ratio={self.keep_ratio}, q3_share={self.q3_share})"
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+
+def _non_negative(name: str):
+    def check(value) -> str | None:
+        return None if value >= 0 else f"{name} must be >= 0, got {value}."
+
+    return check
+
+
+def _unit_interval(name: str):
+    def check(value) -> str | None:
+        return None if 0.0 <= value <= 1.0 else f"{name} must be in [0, 1], got {value}."
+
+    return check
+
+
+register_option(OptionSpec("entropy_alpha", 1.0, _non_negative("entropy_alpha")))
+register_option(OptionSpec("divergence_gamma", 1.0, _non_negative("divergence_gamma")))
+register_option(OptionSpec("tip_q3_share", 0.5, _unit_interval("tip_q3_share")))
+register_option(OptionSpec("quadrants"))
+
+register_rule(RuleSpec("all", lambda args: AllTokens(), budgeted=False, summary="every completion token (GKD's loss)"))
+register_rule(
+    RuleSpec(
+        "random",
+        lambda args: RandomTokens(args.keep_ratio),
+        budgeted=True,
+        default_keep_ratio=0.5,
+        summary="keep_ratio of the tokens, uniformly (a control)",
+    )
+)
+register_rule(
+    RuleSpec(
+        "entropy_topk",
+        lambda args: EntropyTopK(args.keep_ratio),
+        budgeted=True,
+        default_keep_ratio=0.5,
+        summary="tokens whose entropy is in the top keep_ratio of the step over all processes",
+    )
+)
+register_rule(
+    RuleSpec(
+        "entropy_sample",
+        lambda args: EntropySample(args.keep_ratio, alpha=args.entropy_alpha),
+        budgeted=True,
+        default_keep_ratio=0.5,
+        options=("entropy_alpha",),
+        summary="keep_ratio of the tokens sampled without replacement with weight H^alpha",
+    )
+)
+register_rule(
+    RuleSpec(
+        "entropy_divergence_sample",
+        lambda args: EntropyDivergenceSample(args.keep_ratio, alpha=args.entropy_alpha, gamma=args.divergence_gamma),
+        budgeted=True,
+        default_keep_ratio=0.5,
+        options=("entropy_alpha", "divergence_gamma"),
+        summary="keep_ratio of the tokens sampled without replacement with weight H^alpha * D^gamma",
+    )
+)
+register_rule(
+    RuleSpec(
+        "quadrants",
+        lambda args: QuadrantSubset(args.quadrants),
+        budgeted=False,
+        options=("quadrants",),
+        required=("quadrants",),
+        summary="every token of the listed quadrants (median split by default)",
+    )
+)
+register_rule(
+    RuleSpec(
+        "tip",
+        lambda args: TypeAware(args.keep_ratio, q3_share=args.tip_q3_share),
+        budgeted=True,
+        default_keep_ratio=0.5,
+        options=("tip_q3_share",),
+        summary="a Q3 share of the budget by divergence, the rest to high-entropy tokens by entropy",
+    )
+)

@@ -4,7 +4,7 @@ The pure tensor functions (per-sequence min–max normalisation, the combined sc
 isolation; [`SSToken`] puts them together as a selector. It reads two per-token inputs that the trainer computes only
 because the selector asks for them in `requires`: the history model's per-token loss (`history_nll` or
 `history_divergence`) and the prompt attention mass (`prompt_attention`), both passed in `SelectionContext.extras`.
-[`Intersect`] and [`Union`] combine any two selectors (e.g. ssToken with a quadrant rule).
+`trl_tip.Intersect` and `trl_tip.Union` combine it with any other selector (e.g. a quadrant rule).
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from collections.abc import Callable
 
 import torch
 
+from ..selection.base import SelectionContext, budget
 from ..signals import TokenSignals
-from .base import SelectionContext, budget, validate_selection
 
 
 __all__ = [
     "PROMPT_ATTENTION",
     "SSTOKEN_LOSSES",
-    "Intersect",
     "SSToken",
-    "Union",
     "history_requirement",
     "per_sequence_minmax",
     "per_sequence_top_k",
@@ -285,61 +283,116 @@ class SSToken:
         )
 
 
-class _Combine:
-    """Runs two selectors and combines their keep-masks (weight > 0 means kept)."""
+# ---------------------------------------------------------------------------------------------------- registry
 
-    op_name = ""
-
-    def __init__(self, first: Callable, second: Callable):
-        for name, selector in (("first", first), ("second", second)):
-            if not callable(selector):
-                raise TypeError(f"{type(self).__name__}: {name} selector must be callable, got {selector!r}.")
-        self.first, self.second = first, second
-        self.requires = frozenset(getattr(first, "requires", ())) | frozenset(getattr(second, "requires", ()))
-
-    def _masks(self, signals: TokenSignals, context: SelectionContext) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(signals)
-        a = validate_selection(self.first(signals, context), n, name=repr(self.first)) > 0
-        b = validate_selection(self.second(signals, context), n, name=repr(self.second)) > 0
-        return a, b
-
-    def compute_metrics(self, reduce_sum=None) -> dict[str, float]:
-        """Metrics of the parts that report some (every process must call it at the same time)."""
-        metrics = {}
-        for part in (self.first, self.second):
-            if hasattr(part, "compute_metrics"):
-                metrics.update(part.compute_metrics(reduce_sum))
-        return metrics
-
-    def state_dict(self) -> dict:
-        """State of the parts that have one."""
-        return {
-            key: part.state_dict()
-            for key, part in (("first", self.first), ("second", self.second))
-            if hasattr(part, "state_dict")
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what [`state_dict`] returned."""
-        for key, part in (("first", self.first), ("second", self.second)):
-            if key in state and hasattr(part, "load_state_dict"):
-                part.load_state_dict(state[key])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.first!r}, {self.second!r})"
+# Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise).
+SSTOKEN_DEFAULTS = {
+    "sstoken_gamma": 0.5,
+    "sstoken_loss": DEFAULT_SSTOKEN_LOSS,
+    "sstoken_history": "ema",
+    "sstoken_ema_decay": 0.9,
+    "sstoken_ema_update_interval": 1,
+    "sstoken_history_device": "same",
+    "sstoken_warmup_steps": 0,
+}
+_HISTORY_OPTIONS = tuple(name for name in SSTOKEN_DEFAULTS if name != "sstoken_gamma")
 
 
-class Intersect(_Combine):
-    """Keeps the tokens both selectors keep, e.g. `Intersect(SSToken(), QuadrantSubset(["Q3"]))`."""
+def _choice(name: str, allowed: tuple[str, ...]):
+    def check(value) -> str | None:
+        return None if value in allowed else f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}."
 
-    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
-        a, b = self._masks(signals, context)
-        return a & b
+    return check
 
 
-class Union(_Combine):
-    """Keeps the tokens either selector keeps, e.g. `Union(SSToken(), QuadrantSubset(["Q3"]))`."""
+def _integer(name: str, low: int):
+    def check(value) -> str | None:
+        if int(value) != value or value < low:
+            return f"{name} must be an integer >= {low}, got {value}."
+        return None
 
-    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
-        a, b = self._masks(signals, context)
-        return a | b
+    return check
+
+
+def _validate_sstoken(args) -> None:
+    """Cross-option checks of the `sstoken` rule; drops the options its configuration does not read."""
+    given = getattr(args, "_tip_given_options", set())
+    if args.sstoken_gamma == 0.0:
+        # Attention only: no history model, so its options would be silently ignored.
+        unused = [name for name in _HISTORY_OPTIONS if name in given and name != "sstoken_warmup_steps"]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} are not used with sstoken_gamma=0 (attention only, no history model); "
+                "leave them unset or set sstoken_gamma > 0."
+            )
+        for name in _HISTORY_OPTIONS:
+            if name != "sstoken_warmup_steps":
+                setattr(args, name, None)
+        return
+    if args.sstoken_history == "fixed":
+        unused = [name for name in ("sstoken_ema_decay", "sstoken_ema_update_interval") if name in given]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} are not used with sstoken_history='fixed'; leave them unset or use "
+                "sstoken_history='ema'."
+            )
+        args.sstoken_ema_decay = args.sstoken_ema_update_interval = None
+
+
+def _register() -> None:
+    from ..selection.registry import OptionSpec, RuleSpec, register_option, register_rule
+    from .history import HISTORY_DEVICES, HISTORY_MODES
+
+    def gamma_check(value):
+        return None if 0.0 <= value <= 1.0 else f"sstoken_gamma must be in [0, 1], got {value}."
+
+    def decay_check(value):
+        return None if 0.0 <= value < 1.0 else f"sstoken_ema_decay must be in [0, 1), got {value}."
+
+    register_option(OptionSpec("sstoken_gamma", SSTOKEN_DEFAULTS["sstoken_gamma"], gamma_check))
+    register_option(
+        OptionSpec("sstoken_loss", SSTOKEN_DEFAULTS["sstoken_loss"], _choice("sstoken_loss", SSTOKEN_LOSSES))
+    )
+    register_option(
+        OptionSpec("sstoken_history", SSTOKEN_DEFAULTS["sstoken_history"], _choice("sstoken_history", HISTORY_MODES))
+    )
+    register_option(OptionSpec("sstoken_ema_decay", SSTOKEN_DEFAULTS["sstoken_ema_decay"], decay_check))
+    register_option(
+        OptionSpec(
+            "sstoken_ema_update_interval",
+            SSTOKEN_DEFAULTS["sstoken_ema_update_interval"],
+            _integer("sstoken_ema_update_interval", 1),
+        )
+    )
+    register_option(
+        OptionSpec(
+            "sstoken_history_device",
+            SSTOKEN_DEFAULTS["sstoken_history_device"],
+            _choice("sstoken_history_device", HISTORY_DEVICES),
+        )
+    )
+    register_option(
+        OptionSpec(
+            "sstoken_warmup_steps", SSTOKEN_DEFAULTS["sstoken_warmup_steps"], _integer("sstoken_warmup_steps", 0)
+        )
+    )
+    register_rule(
+        RuleSpec(
+            "sstoken",
+            lambda args: SSToken(
+                args.keep_ratio,
+                gamma=args.sstoken_gamma,
+                loss=args.sstoken_loss or DEFAULT_SSTOKEN_LOSS,
+                warmup_steps=args.sstoken_warmup_steps or 0,
+            ),
+            budgeted=True,
+            default_keep_ratio=0.6,
+            options=tuple(SSTOKEN_DEFAULTS),
+            summary="ssToken: gamma * REL_norm + (1 - gamma) * prompt attention, top keep_ratio per sequence",
+            source="ssToken (ICLR 2026)",
+            validate=_validate_sstoken,
+        )
+    )
+
+
+_register()

@@ -1,0 +1,443 @@
+"""`TokenSelectionEngine`: the trainer-agnostic core of trl-tip.
+
+One call per micro-batch: final hidden states and output heads of student and teacher at the eligible positions go
+in; the distillation loss on the kept tokens (scaled for the trainer's normalisation) and a [`SelectionRecord`] come
+out. In between, chunk by chunk and without grad, the per-token signals; the quadrant split and the rule's selection
+(`trl_tip.selection`); the loss recomputed with grad on the kept positions only (`trl_tip.loss`); the Q1–Q4 statistics
+(`trl_tip.stats`). The engine knows nothing of GKD or of `DistillationTrainer`: the trainer adapters in
+`trl_tip.trainers` run the models and hand it tensors. It owns its checkpoint state (statistics, the selector's state,
+the micro-batch counter that seeds sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .loss import OutputHead, kept_token_jsd, token_jsd_with_signals
+from .selection import AllTokens, TokenSelector, validate_selection
+from .selection.context import Processes, QuadrantSplit, build_context, selection_seed
+from .signals import LOGIT_SIGNALS, TokenSignals, compute_token_signals
+from .stats import TIPStatistics
+
+
+__all__ = [
+    "MODEL_SIGNALS",
+    "SelectionObserver",
+    "SelectionRecord",
+    "TokenBatch",
+    "TokenSelectionEngine",
+]
+
+# Extra per-token inputs a selector may list in `requires` that need model forwards: the trainer adapter computes
+# them (ssToken's history-model losses and prompt attention). The logit-derived ones (`LOGIT_SIGNALS`) come from the
+# engine's own signals pass.
+MODEL_SIGNALS = ("history_nll", "history_divergence", "prompt_attention")
+LOSS_NORMALIZERS = ("kept", "eligible")
+
+
+@dataclass
+class TokenBatch:
+    """One micro-batch as the engine sees it: the eligible positions, flattened.
+
+    Attributes:
+        student_hidden: Student final hidden states `(N, d)`, with grad.
+        teacher_hidden: Teacher final hidden states `(N, d_t)`.
+        student_head: The student's output head.
+        teacher_head: The teacher's output head.
+        targets: The token each position predicts, `(N,)`.
+        seq_idx: Row of each position, `(N,)`.
+        pos_idx: Position in the row of the hidden state (it predicts the token at `pos_idx + 1` of `input_ids`).
+        extras: Per-token inputs computed by the adapter for the selector (`MODEL_SIGNALS` it requires).
+        input_ids: `(B, T)` token ids of the micro-batch (prompt and completion), for records.
+        attention_mask: `(B, T)`.
+        labels: `(B, T)` with `-100` at positions not trained on (prompt, padding, tool output).
+    """
+
+    student_hidden: torch.Tensor
+    teacher_hidden: torch.Tensor
+    student_head: OutputHead
+    teacher_head: OutputHead
+    targets: torch.Tensor
+    seq_idx: torch.Tensor
+    pos_idx: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class SelectionRecord:
+    """What the engine did on one micro-batch, handed to every observer (detached tensors).
+
+    Attributes:
+        global_step: Optimizer steps completed before this micro-batch (`trainer.state.global_step`).
+        micro_step: Index of the micro-batch within its optimizer step (or within the evaluation).
+        training: Whether it was a training micro-batch.
+        signals: The per-token signals of the eligible positions.
+        quadrant: Quadrant (1–4, 0 for a non-finite position) of each position.
+        weights: Selection weight of each position (0 = dropped).
+        entropy_threshold: Entropy split of the quadrants.
+        divergence_threshold: Divergence split of the quadrants.
+        loss: The micro-batch's loss as returned to the trainer.
+        input_ids: `(B, T)`, or `None` if the adapter gave none.
+        attention_mask: `(B, T)`, or `None`.
+        labels: `(B, T)`, or `None`.
+        extras: The extra per-token inputs the selector received.
+    """
+
+    global_step: int
+    micro_step: int
+    training: bool
+    signals: TokenSignals
+    quadrant: torch.Tensor
+    weights: torch.Tensor
+    entropy_threshold: float | torch.Tensor
+    divergence_threshold: float | torch.Tensor
+    loss: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Boolean keep-mask of the eligible positions."""
+        return self.weights > 0
+
+
+@runtime_checkable
+class SelectionObserver(Protocol):
+    """Anything with `on_selection(record, engine)`: called after every micro-batch the engine computes.
+
+    `TIPTrainer` and `TIPDistillationTrainer` register every callback that has this method (passed in `callbacks=`
+    or added with `add_callback`) as an observer of their engine; see `trl_tip.callbacks.SelectionCallback`.
+    """
+
+    def on_selection(self, record: SelectionRecord, engine: TokenSelectionEngine) -> None: ...
+
+
+class TokenSelectionEngine:
+    """Signals → selection → loss on kept tokens → statistics, for one micro-batch at a time.
+
+    Args:
+        selector ([`TokenSelector`]): The selection rule.
+        args ([`TIPArguments`]): The token-selection options (divergence axis, quadrant split, chunk size).
+        beta (`float`): `beta` of the generalized JSD training loss (`0`: forward KL, `1`: reverse KL).
+        seed (`int`): Run seed; sampling rules draw from a generator seeded by it, the step, the micro-batch and the
+            rank.
+        processes ([`Processes`], *optional*): Collectives over the run's processes (one process if `None`).
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the loss (both distributions divided by
+            it; `DistillationTrainer` applies its sampling temperature, `GKDTrainer` 1). The signals are taken at
+            temperature 1.
+        device (`torch.device`, *optional*): Device of the statistics.
+    """
+
+    def __init__(
+        self,
+        selector: TokenSelector,
+        args,
+        beta: float,
+        seed: int,
+        processes: Processes | None = None,
+        temperature: float = 1.0,
+        device: torch.device | str = "cpu",
+    ):
+        # Which adapter-computed signals can be asked for; the trainer narrows it (no history model, no history).
+        self.available_model_signals = frozenset(MODEL_SIGNALS)
+        self.set_selector(selector)
+        self.split = QuadrantSplit.from_args(args)
+        self.divergence = args.divergence
+        self.divergence_top_k = args.divergence_top_k
+        self.chunk_size = args.tip_chunk_size
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.seed = int(seed)
+        self.processes = processes or Processes()
+        self.statistics = TIPStatistics(device)
+        self.observers: list[SelectionObserver] = []
+        self._micro = (-1, 0)  # (optimizer step, micro-batch index within it)
+        self._eval_micro = 0
+
+    # ------------------------------------------------------------------ the rule
+
+    def set_selector(self, selector: TokenSelector) -> None:
+        """Uses `selector` from the next micro-batch on (e.g. from a [`SelectionScheduleCallback`]).
+
+        Raises:
+            TypeError: if it is not callable.
+            ValueError: if it requires extra signals the trainer cannot compute, or has an unknown
+                `loss_normalizer`.
+        """
+        if not callable(selector):
+            raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
+        requires = frozenset(getattr(selector, "requires", ()))
+        allowed = (*MODEL_SIGNALS, *LOGIT_SIGNALS)
+        unknown = sorted(requires - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"selector {selector!r} requires unknown extra signals {unknown}; allowed values: {', '.join(allowed)}."
+            )
+        unavailable = sorted((requires & frozenset(MODEL_SIGNALS)) - self.available_model_signals)
+        if unavailable:
+            raise ValueError(
+                f"selector {selector!r} requires {unavailable}, which this trainer cannot compute (the ssToken history "
+                "model is built at construction only for token_selection='sstoken' with sstoken_gamma > 0)."
+            )
+        normalizer = getattr(selector, "loss_normalizer", "kept")
+        if normalizer not in LOSS_NORMALIZERS:
+            raise ValueError(
+                f"selector {selector!r} has loss_normalizer={normalizer!r}; allowed values: "
+                f"{', '.join(LOSS_NORMALIZERS)}."
+            )
+        self.selector = selector
+        self.requires = requires
+        self.loss_normalizer = normalizer
+
+    # ------------------------------------------------------------------ what the adapter must provide
+
+    @property
+    def model_signals(self) -> frozenset[str]:
+        """The extra per-token inputs the adapter must compute (model forwards) and pass in `TokenBatch.extras`."""
+        return self.requires & frozenset(MODEL_SIGNALS)
+
+    @property
+    def logit_signals(self) -> tuple[str, ...]:
+        """The extra divergences the signals pass computes for the selector."""
+        return tuple(name for name in LOGIT_SIGNALS if name in self.requires)
+
+    def add_observer(self, observer: SelectionObserver) -> None:
+        """Registers `observer` (once) to receive a [`SelectionRecord`] after every micro-batch."""
+        if not any(o is observer for o in self.observers):
+            self.observers.append(observer)
+
+    # ------------------------------------------------------------------ selection
+
+    def generator(self, global_step: int, training: bool) -> torch.Generator:
+        """The CPU generator of the next micro-batch, seeded from the run seed, the optimizer step, the micro-batch
+        and the rank. Evaluation batches count from 0 within each evaluation ([`start_evaluation`]), so an
+        evaluation of the same model on the same data selects the same tokens."""
+        if training:
+            last_step, micro = self._micro
+            micro = micro + 1 if global_step == last_step else 0
+            self._micro = (global_step, micro)
+        else:
+            micro = self._eval_micro
+            self._eval_micro += 1
+        seed = selection_seed(self.seed, global_step, micro, self.processes.process_index, evaluation=not training)
+        return torch.Generator().manual_seed(seed)
+
+    def start_evaluation(self) -> None:
+        """Restarts the evaluation batch counter (call at the start of each evaluation)."""
+        self._eval_micro = 0
+
+    @property
+    def micro_step(self) -> int:
+        """Index, within its optimizer step, of the last training micro-batch selected."""
+        return self._micro[1]
+
+    def select(
+        self,
+        signals: TokenSignals,
+        extras: dict[str, torch.Tensor] | None = None,
+        global_step: int = 0,
+        training: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, Any]]:
+        """Thresholds, quadrants and the selection rule on the signals of one micro-batch.
+
+        Returns:
+            `tuple`: Weights of shape `(N,)` (0 = dropped; non-finite positions always 0), quadrant ids of shape
+            `(N,)` (0 for non-finite positions), and the `(entropy_threshold, divergence_threshold)` pair.
+        """
+        context = build_context(
+            signals,
+            self.split,
+            self.processes,
+            self.generator(global_step, training),
+            global_step,
+            extras=extras,
+            training=training,
+        )
+        selection = self.selector(signals, context)
+        weights = validate_selection(selection, len(signals), name=f"selector {self.selector!r}")
+        weights = torch.where(signals.finite, weights.to(signals.entropy.device), torch.zeros_like(weights))
+        return weights, context.quadrant, (context.entropy_threshold, context.divergence_threshold)
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def compute(
+        self,
+        batch: TokenBatch,
+        global_step: int,
+        training: bool,
+        step_tokens: torch.Tensor | int | None = None,
+        micro_batches_per_step: int = 1,
+        eval_num_items: torch.Tensor | int | None = None,
+    ) -> tuple[torch.Tensor, SelectionRecord]:
+        """The loss of one micro-batch on its kept tokens, and the record of what was selected.
+
+        Args:
+            batch ([`TokenBatch`]): The micro-batch.
+            global_step (`int`): Optimizer steps completed so far.
+            training (`bool`): Whether this is a training micro-batch (statistics accumulate only then).
+            step_tokens (`int` or `torch.Tensor`, *optional*): Training only: eligible tokens of the whole optimizer
+                step over all processes. If `None`, the step is taken as `micro_batches_per_step` micro-batches like
+                this one.
+            micro_batches_per_step (`int`, *optional*, defaults to `1`): See `step_tokens`.
+            eval_num_items (`int` or `torch.Tensor`, *optional*): Evaluation only: the trainer's token count for the
+                batch; the loss is then `sum / eval_num_items` with every token kept (as the trainer's own), else the
+                mean over kept tokens.
+
+        Returns:
+            `tuple`: The scalar loss and the [`SelectionRecord`].
+        """
+        if set(batch.extras) < self.model_signals:
+            missing = sorted(self.model_signals - set(batch.extras))
+            raise ValueError(f"The selector needs the extra signals {missing}, which the trainer did not compute.")
+        extras = dict(batch.extras)
+        hidden = batch.student_hidden
+        fused = None
+        if type(self.selector) is AllTokens and self.divergence_top_k is None and not self.logit_signals:
+            # Every token is kept: read the signals off the loss pass instead of a separate pass over the logits.
+            fused = token_jsd_with_signals(
+                hidden,
+                batch.teacher_hidden,
+                batch.student_head,
+                batch.teacher_head,
+                batch.targets,
+                beta=self.beta,
+                divergence=self.divergence,
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
+            )
+        if fused is not None:
+            loss_sum, values = fused
+            signals = TokenSignals(**values, seq_idx=batch.seq_idx, pos_idx=batch.pos_idx)
+            weights, quadrant, thresholds = self.select(signals, extras, global_step, training)
+        else:
+            signals, logit_extras = compute_token_signals(
+                hidden.detach(),
+                batch.teacher_hidden,
+                batch.targets,
+                batch.student_head,
+                batch.teacher_head,
+                batch.seq_idx,
+                batch.pos_idx,
+                beta=self.beta,
+                divergence=self.divergence,
+                divergence_top_k=self.divergence_top_k,
+                chunk_size=self.chunk_size,
+                extra=self.logit_signals,
+                temperature=self.temperature,
+                return_extra=True,
+            )
+            extras.update(logit_extras)
+            weights, quadrant, thresholds = self.select(signals, extras, global_step, training)
+            kept = (weights > 0).nonzero(as_tuple=True)[0]
+            loss_sum = kept_token_jsd(
+                hidden[kept],
+                batch.teacher_hidden[kept],
+                batch.student_head,
+                batch.teacher_head,
+                weights[kept],
+                beta=self.beta,
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
+            )
+        normaliser = weights.sum() if self.loss_normalizer == "kept" else signals.finite.sum().float()
+        scale = self.loss_scale(
+            normaliser, len(signals), training, step_tokens, micro_batches_per_step, eval_num_items
+        )
+        loss = loss_sum * scale
+        if training:
+            self.statistics.update(signals, quadrant, weights, *thresholds)
+        record = SelectionRecord(
+            global_step=global_step,
+            micro_step=self._micro[1] if training else self._eval_micro - 1,
+            training=training,
+            signals=signals,
+            quadrant=quadrant.detach(),
+            weights=weights.detach(),
+            entropy_threshold=thresholds[0],
+            divergence_threshold=thresholds[1],
+            loss=loss.detach(),
+            input_ids=None if batch.input_ids is None else batch.input_ids.detach(),
+            attention_mask=None if batch.attention_mask is None else batch.attention_mask.detach(),
+            labels=None if batch.labels is None else batch.labels.detach(),
+            extras={k: v.detach() for k, v in extras.items()},
+        )
+        for observer in self.observers:
+            observer.on_selection(record, self)
+        return loss, record
+
+    def loss_scale(
+        self,
+        kept_weight: torch.Tensor,
+        num_eligible: int,
+        training: bool,
+        step_tokens: torch.Tensor | int | None = None,
+        micro_batches_per_step: int = 1,
+        eval_num_items: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Factor turning the kept-token loss sum into this micro-batch's share of the step's loss.
+
+        With `K` the kept weight and `E` the eligible tokens of the micro-batch over all processes, `S` the eligible
+        tokens of the whole optimizer step over all processes and `W` the number of processes, the factor is
+        `W * E / (S * K)`: each micro-batch contributes its mean over kept tokens, weighted by its share `E / S` of
+        the step's tokens (`W` undoes DDP's gradient averaging). With every token kept this is `W / S`, the trainers'
+        own normalisation; with a constant keep ratio it is the mean over all kept tokens of the step.
+
+        Outside training: `E / (n * K)` for the trainer's count `n` of the batch (so `sum / n` with every token kept,
+        as the trainers compute), or `1 / K` (the mean over kept tokens) without one; on this process only.
+        """
+        kept_weight = kept_weight.detach().float()
+        zero = torch.zeros_like(kept_weight)
+        if not training or not torch.is_grad_enabled():
+            if eval_num_items is None:
+                return torch.where(kept_weight > 0, 1.0 / kept_weight.clamp_min(1e-12), zero)
+            n = torch.as_tensor(eval_num_items, device=kept_weight.device).float()
+            denominator = n * kept_weight
+            return torch.where(denominator > 0, float(num_eligible) / denominator.clamp_min(1e-12), zero)
+        counts = self.processes.reduce_sum(torch.stack([kept_weight, torch.full_like(kept_weight, num_eligible)]))
+        kept_global, eligible_global = counts[0], counts[1]
+        if step_tokens is None:
+            step = eligible_global * micro_batches_per_step
+        else:
+            step = torch.as_tensor(step_tokens, device=counts.device).float()
+        denominator = step * kept_global
+        world = self.processes.num_processes
+        return torch.where(denominator > 0, world * eligible_global / denominator.clamp_min(1e-12), zero)
+
+    # ------------------------------------------------------------------ logging and checkpoints
+
+    def log_metrics(self, num_steps: int) -> dict[str, float]:
+        """The `tip/...` (and the selector's own) metrics since the last call, over all processes; then resets.
+
+        Every process must call it at the same time (it reduces over processes). Empty if nothing was recorded.
+        """
+        if self.statistics.empty:
+            return {}
+        reducer = self.processes.reducer
+        metrics = self.statistics.compute(reducer, num_steps=num_steps)
+        if hasattr(self.selector, "compute_metrics"):
+            metrics.update(self.selector.compute_metrics(reducer))
+        self.statistics.reset()
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Pending statistics, the selector's state and the micro-batch counter (saved with each checkpoint)."""
+        state: dict[str, Any] = {"statistics": self.statistics.state_dict(), "micro": list(self._micro)}
+        if hasattr(self.selector, "state_dict"):
+            state["selector"] = self.selector.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what [`state_dict`] returned."""
+        self.statistics.load_state_dict(state["statistics"])
+        if "micro" in state:
+            self._micro = (int(state["micro"][0]), int(state["micro"][1]))
+        if "selector" in state and hasattr(self.selector, "load_state_dict"):
+            self.selector.load_state_dict(state["selector"])

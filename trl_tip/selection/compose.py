@@ -1,0 +1,73 @@
+"""Composition of selectors: `Intersect(a, b)` keeps what both keep, `Union(a, b)` what either keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..signals import TokenSignals
+from .base import SelectionContext, validate_selection
+
+
+__all__ = ["Intersect", "Union"]
+
+
+class _Combine:
+    """Runs two selectors and combines their keep-masks (weight > 0 means kept)."""
+
+    op_name = ""
+
+    def __init__(self, first: Callable, second: Callable):
+        for name, selector in (("first", first), ("second", second)):
+            if not callable(selector):
+                raise TypeError(f"{type(self).__name__}: {name} selector must be callable, got {selector!r}.")
+        self.first, self.second = first, second
+        self.requires = frozenset(getattr(first, "requires", ())) | frozenset(getattr(second, "requires", ()))
+
+    def _masks(self, signals: TokenSignals, context: SelectionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(signals)
+        a = validate_selection(self.first(signals, context), n, name=repr(self.first)) > 0
+        b = validate_selection(self.second(signals, context), n, name=repr(self.second)) > 0
+        return a, b
+
+    def compute_metrics(self, reduce_sum=None) -> dict[str, float]:
+        """Metrics of the parts that report some (every process must call it at the same time)."""
+        metrics = {}
+        for part in (self.first, self.second):
+            if hasattr(part, "compute_metrics"):
+                metrics.update(part.compute_metrics(reduce_sum))
+        return metrics
+
+    def state_dict(self) -> dict:
+        """State of the parts that have one."""
+        return {
+            key: part.state_dict()
+            for key, part in (("first", self.first), ("second", self.second))
+            if hasattr(part, "state_dict")
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what [`state_dict`] returned."""
+        for key, part in (("first", self.first), ("second", self.second)):
+            if key in state and hasattr(part, "load_state_dict"):
+                part.load_state_dict(state[key])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.first!r}, {self.second!r})"
+
+
+class Intersect(_Combine):
+    """Keeps the tokens both selectors keep, e.g. `Intersect(SSToken(), QuadrantSubset(["Q3"]))`."""
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        a, b = self._masks(signals, context)
+        return a & b
+
+
+class Union(_Combine):
+    """Keeps the tokens either selector keeps, e.g. `Union(SSToken(), QuadrantSubset(["Q3"]))`."""
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        a, b = self._masks(signals, context)
+        return a | b

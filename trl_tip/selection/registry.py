@@ -1,0 +1,104 @@
+"""The registry of selection rules: name → how to build it, whether it keeps a budget, and which options it reads.
+
+Every rule is registered once, where it is defined (`register_rule`); [`TIPConfig`] validates its options against the
+registry (an option given for a rule that does not read it is an error) and [`build_selector`] builds the rule from a
+validated config. A rule-specific option defaults to `None` in the config and is resolved here, so that "given" and
+"left at its default" can be told apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+__all__ = ["RULES", "OptionSpec", "RuleSpec", "build_selector", "get_rule", "register_option", "register_rule"]
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """A rule-specific option of the config.
+
+    Attributes:
+        name: Field name in the config.
+        default: Value used when the option is left unset (`None`) for a rule that reads it.
+        check: Returns an error message for a bad value, or `None` when the value is fine.
+    """
+
+    name: str
+    default: Any = None
+    check: Callable[[Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """A selection rule as the config knows it.
+
+    Attributes:
+        name: Value of `token_selection`.
+        build: Builds the selector from a validated config (options resolved).
+        budgeted: Whether the rule keeps a share of the tokens (reads `keep_ratio`).
+        default_keep_ratio: `keep_ratio` when left unset (budgeted rules only).
+        options: Rule-specific options the rule reads (names of registered [`OptionSpec`]s).
+        required: Options the rule cannot do without (no default).
+        summary: One line for the help text and the docs.
+        source: Where the rule comes from (e.g. `"TIP Eq. 7-8"`), or `"trl-tip"` for our own.
+        validate: Checks that need several options at once (called after each option's own check and after the
+            defaults are filled in); raises `ValueError`.
+    """
+
+    name: str
+    build: Callable[[Any], Any]
+    budgeted: bool
+    default_keep_ratio: float | None = None
+    options: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    summary: str = ""
+    source: str = "trl-tip"
+    validate: Callable[[Any], None] | None = None
+
+
+RULES: dict[str, RuleSpec] = {}
+OPTIONS: dict[str, OptionSpec] = {}
+
+
+def register_option(spec: OptionSpec) -> OptionSpec:
+    """Registers a rule-specific option (once per name)."""
+    if spec.name in OPTIONS and OPTIONS[spec.name] != spec:
+        raise ValueError(f"The option {spec.name!r} is registered twice with different specs.")
+    OPTIONS[spec.name] = spec
+    return spec
+
+
+def register_rule(spec: RuleSpec) -> RuleSpec:
+    """Registers a selection rule under `spec.name`; its options must be registered first."""
+    if spec.name in RULES:
+        raise ValueError(f"The selection rule {spec.name!r} is registered twice.")
+    unknown = [name for name in spec.options if name not in OPTIONS]
+    if unknown:
+        raise ValueError(f"Rule {spec.name!r} reads unregistered options {unknown}; register them first.")
+    if spec.budgeted and not spec.default_keep_ratio:
+        raise ValueError(f"Budgeted rule {spec.name!r} needs a default_keep_ratio.")
+    RULES[spec.name] = spec
+    return spec
+
+
+def get_rule(name: str) -> RuleSpec:
+    """The registered rule `name`, or a `ValueError` listing the allowed values."""
+    if name not in RULES:
+        raise ValueError(f"token_selection={name!r} is not a selection rule; allowed values: {', '.join(RULES)}.")
+    return RULES[name]
+
+
+def build_selector(args) -> Any:
+    """Builds the selector named by `args.token_selection` from a validated [`TIPConfig`] (or
+    `TIPDistillationConfig`).
+
+    Args:
+        args: The training configuration (already validated, options resolved).
+
+    Returns:
+        [`TokenSelector`]: The selection rule.
+    """
+    return get_rule(args.token_selection).build(args)

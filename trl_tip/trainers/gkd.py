@@ -1,0 +1,275 @@
+"""`TIPTrainer`: TRL's `GKDTrainer` that trains only on the completion tokens that carry signal."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers.utils import logging
+
+from .._compat import ForwardRedirection, GKDTrainer, unwrap_model_for_generation
+from ..config import TIPConfig
+from ..models import load_student_and_teacher
+from ..selection import TokenSelector
+from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student
+
+
+__all__ = ["TIPTrainer"]
+
+logger = logging.get_logger(__name__)
+
+
+def _check_chat_columns(dataset: Any, name: str) -> None:
+    """Raises a clear error if `dataset` lacks the `messages` column that GKD's default collator reads.
+
+    `DataCollatorForChatML` tokenizes each example's `messages` (unless it is pre-tokenized with `input_ids`);
+    without them training would stop at the first batch with a bare `KeyError: 'messages'`.
+    """
+    datasets = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]
+    for key, split in datasets:
+        columns = getattr(split, "column_names", None)
+        if not isinstance(columns, (list, tuple)) or "messages" in columns or "input_ids" in columns:
+            continue  # no dataset, columns unknown (e.g. an IterableDataset without features), or usable
+        label = name if key is None else f"{name}[{key!r}]"
+        raise ValueError(
+            f"{label} has columns {list(columns)}, but TIPTrainer (like GKDTrainer) reads a `messages` column: the "
+            "conversation as a list of {'role': ..., 'content': ...} dicts ending with the assistant's answer. "
+            "Convert it, e.g. dataset.map(lambda x: {'messages': [{'role': 'user', 'content': x['prompt']}, "
+            "{'role': 'assistant', 'content': x['completion']}]}), or pass your own data_collator."
+        )
+
+
+class TIPTrainer(TIPTrainerMixin, GKDTrainer):
+    """GKD trainer that computes the distillation loss only on selected completion tokens.
+
+    A drop-in replacement for TRL's `GKDTrainer`: generation (`lmbda`, `seq_kd`), the generalized JSD (`beta`) and
+    every other GKD and `Trainer` option work unchanged. Per micro-batch it
+
+    1. runs student and teacher to their final hidden states (no full-vocabulary logits with grad),
+    2. computes per-token signals chunk by chunk without grad (student entropy, teacher–student divergence, ...),
+    3. splits tokens into quadrants Q1–Q4 with thresholds shared by all processes,
+    4. keeps a subset with the selection rule (`TIPConfig.token_selection` or a custom `selector`),
+    5. computes the generalized JSD on the kept tokens only, from hidden states, in chunks,
+    6. accumulates Q1–Q4 statistics that are logged as `tip/...` metrics at each logging step.
+
+    Steps 2–6 are the trainer-agnostic [`TokenSelectionEngine`]; this class adds GKD's generation and the forwards.
+
+    The loss is normalised by the number of kept tokens over all processes and, under gradient accumulation, so that
+    the micro-batches of one optimizer step weigh as their share of the step's eligible tokens (counted on the
+    generated completions). With `token_selection="all"` the loss and gradients equal `GKDTrainer`'s.
+
+    The arguments `model`, `teacher_model`, `data_collator`, `train_dataset`, `eval_dataset`, `processing_class`,
+    `compute_metrics`, `callbacks`, `optimizers`, `preprocess_logits_for_metrics`, `peft_config` and `formatting_func`
+    are `GKDTrainer`'s.
+
+    Args:
+        args ([`TIPConfig`]):
+            The training configuration: every `GKDConfig` option plus the token-selection options.
+        selector ([`TokenSelector`], *optional*):
+            A custom selection rule; replaces the one named by `args.token_selection`. It is called with the
+            [`TokenSignals`] of the eligible tokens and a [`SelectionContext`] and returns a boolean keep-mask or
+            non-negative weights of shape `(N,)`.
+        quantization_config (`transformers.BitsAndBytesConfig`, *optional*):
+            Quantization of a student given as a model id or path (as in `SFTTrainer`); it can also be set in
+            `args.model_init_kwargs["quantization_config"]`. A 4-bit or 8-bit student needs a `peft_config`: it is
+            prepared with PEFT's `prepare_model_for_kbit_training` before the adapter is added.
+        teacher_quantization_config (`transformers.BitsAndBytesConfig`, *optional*):
+            Quantization of a teacher given as a model id or path (or `args.teacher_model_init_kwargs`).
+    """
+
+    _tag_names = ["trl", "gkd", "trl-tip"]
+    _name = "TIP"
+    # `compute_loss` normalises by the step's token counts itself: `Trainer` must not divide by the accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str | None = None,
+        args: TIPConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+        selector: TokenSelector | None = None,
+        quantization_config: Any = None,
+        teacher_quantization_config: Any = None,
+    ):
+        if args is None:
+            raise ValueError("TIPTrainer needs `args`, a TIPConfig (e.g. TIPConfig(output_dir='out')).")
+        if not isinstance(args, TIPConfig):
+            raise TypeError(
+                f"TIPTrainer needs a TIPConfig as `args`, got {type(args).__name__}; build TIPConfig(**your_gkd_args)."
+            )
+        if selector is not None and not callable(selector):
+            raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
+        if data_collator is None:
+            _check_chat_columns(train_dataset, "train_dataset")
+            _check_chat_columns(eval_dataset, "eval_dataset")
+        model, teacher_model = load_student_and_teacher(
+            model, teacher_model, args, peft_config, quantization_config, teacher_quantization_config
+        )
+        # The models are instantiated now: GKD/SFT must not see the init kwargs again (they would warn or raise).
+        init_kwargs = (args.model_init_kwargs, args.teacher_model_init_kwargs)
+        args.model_init_kwargs = args.teacher_model_init_kwargs = None
+        super().__init__(
+            model=model,
+            teacher_model=teacher_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
+        check_peft_student(self.model)
+        self._forward_redirection = ForwardRedirection()
+        self._init_tip(args, selector, beta=self.beta, temperature=1.0)
+        self._tip_rng_pending: str | None = None
+        self._tip_rng_restored: str | None = None
+
+    # ------------------------------------------------------------------ generation & token counts
+
+    def _generate_on_policy(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """GKD's generation step: student rollouts with probability `lmbda`, else teacher rollouts if `seq_kd`."""
+        inputs = self._prepare_inputs(inputs)
+        if random.random() <= self.lmbda:
+            generator_model, kwargs = (
+                self.model_wrapped,
+                {"gradient_checkpointing_kwargs": self.args.gradient_checkpointing_kwargs},
+            )
+        elif self.seq_kd:
+            generator_model, kwargs = self.teacher_model, {}
+        else:
+            return inputs
+        with unwrap_model_for_generation(
+            generator_model, self.accelerator, generation_kwargs=self.generation_kwargs, **kwargs
+        ) as unwrapped_model:
+            input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                unwrapped_model, inputs, self.generation_config
+            )
+        inputs["input_ids"], inputs["attention_mask"], inputs["labels"] = input_ids, attention_mask, labels
+        return inputs
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """Fetches the micro-batches of one optimizer step, generates their completions, and counts their tokens.
+
+        GKD generates inside `training_step`, after `Trainer` has counted the dataset's labels; here generation comes
+        first, so the count that normalises the loss is the number of completion tokens actually trained on, summed
+        over the micro-batches of the step and over processes.
+        """
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if self._tip_rng_pending is not None:
+            # Resuming mid-epoch, `Trainer` restores the RNG only after this method returns (the skipped batches
+            # must not shift the shuffle); generation happens here, so restore it now and skip the later reload.
+            super()._load_rng_state(self._tip_rng_pending)
+            self._tip_rng_restored, self._tip_rng_pending = self._tip_rng_pending, None
+        batch_samples = [self._generate_on_policy(batch) for batch in batch_samples]
+        count = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        for batch in batch_samples:
+            count += (batch["labels"][:, 1:] != -100).sum().to(count.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return batch_samples, count
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """A `Trainer` training step; the on-policy generation already happened in [`get_batch_samples`]."""
+        return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ forward passes and loss
+
+    def _tip_hidden(self, model: nn.Module, view: ForwardView, unwrapped: nn.Module) -> torch.Tensor:
+        """Final hidden states `(B, T - 1, d)` of `model`, without logits: the decoder stack is called directly,
+        routed through `model`'s wrapper (DDP, FSDP, DeepSpeed) when it is not the unwrapped model itself."""
+        if model is unwrapped:
+            return backbone_hidden(unwrapped, view)
+        return self._forward_redirection(model, unwrapped, backbone_hidden, unwrapped, view)
+
+    @staticmethod
+    def _view(inputs: dict[str, Any]) -> ForwardView:
+        labels, attention_mask = inputs["labels"], inputs["attention_mask"]
+        labelled = labels != -100
+        seq_len = labels.size(1)
+        first = torch.where(
+            labelled.any(1), labelled.int().argmax(1), torch.full_like(labelled[:, 0], seq_len, dtype=torch.long)
+        )
+        positions = torch.arange(seq_len, device=labels.device)
+        prompt_mask = attention_mask.bool() & (positions[None, :] < first[:, None])
+        return ForwardView(
+            input_ids=inputs["input_ids"],
+            attention_mask=attention_mask,
+            loss_mask=labelled[:, 1:],
+            prompt_mask=prompt_mask,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Generalized JSD on the selected completion tokens, normalised by the kept-token count.
+
+        The whole computation runs inside `model`'s forward (`_forward_redirection`), so that DDP, FSDP and DeepSpeed
+        see one forward per micro-batch and keep the student's parameters (`lm_head` included) materialised for it.
+        """
+        view = self._view(inputs)
+        training = model.training and torch.is_grad_enabled()
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss = self._forward_redirection(
+            model,
+            unwrapped,
+            self._tip_loss_inside_forward,
+            unwrapped,
+            view,
+            training,
+            num_items_in_batch,
+        )
+        if return_outputs:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            return loss, CausalLMOutputWithPast(loss=loss, logits=None)
+        return loss
+
+    def _tip_loss_inside_forward(self, unwrapped, view, training, num_items_in_batch):
+        loss, _ = self._tip_loss(
+            unwrapped,
+            self.teacher_model,
+            view,
+            training=training,
+            step_tokens=num_items_in_batch if training else None,
+            micro_batches_per_step=getattr(self, "current_gradient_accumulation_steps", 1),
+            eval_num_items=None if training else num_items_in_batch,
+        )
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load_rng_state(self, checkpoint):
+        """Restores the RNG of a checkpoint once: before the first on-policy generation of a resumed run."""
+        if checkpoint is not None and checkpoint == self._tip_rng_restored:
+            self._tip_rng_restored = None  # already restored in `get_batch_samples`, before generating
+            return
+        self._tip_rng_pending = None
+        super()._load_rng_state(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._tip_rng_pending = resume_from_checkpoint
