@@ -1,0 +1,127 @@
+"""Contract tests: the private or moved TRL / transformers APIs trl-tip uses (all through `trl_tip._compat`) still
+behave as trl-tip relies on. An upgrade that changes one fails here, with the name of the API, rather than deep inside
+a training run."""
+
+import inspect
+import os
+
+import torch
+import torch.nn as nn
+from transformers import Trainer
+
+from trl_tip import _compat
+from trl_tip.signals import generalized_jsd
+
+
+def params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_gkd_lives_in_trl_experimental_and_keeps_its_hooks():
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    assert _compat.GKDTrainer is GKDTrainer and _compat.GKDConfig is GKDConfig
+    # TIPTrainer generates with GKD's helper and reads these config fields.
+    assert params(GKDTrainer.generate_on_policy_outputs) == ["model", "inputs", "generation_config"]
+    for field in ("lmbda", "beta", "temperature", "seq_kd", "max_new_tokens", "teacher_model_name_or_path"):
+        assert field in GKDConfig.__dataclass_fields__, field
+
+
+def test_distillation_trainer_private_loss_hooks():
+    trainer = _compat.DistillationTrainer
+    assert params(trainer._compute_loss) == ["self", "unwrapped_student", "inputs", "num_items_in_batch"]
+    assert params(trainer._get_last_hidden_state)[:5] == [
+        "self",
+        "unwrapped_model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+    ]
+    # `compute_loss` routes `_compute_loss` through `_forward_redirection` and divides the step's token count by the
+    # process count before passing it on (TIPDistillationTrainer multiplies it back).
+    source = inspect.getsource(trainer.compute_loss)
+    assert "_forward_redirection" in source and "self._compute_loss" in source
+    assert "num_processes" in source
+    # It keeps the buffered generation per optimizer step in `_prepare_inputs` and counts the loss tokens there.
+    assert "num_items_in_batch" in inspect.getsource(trainer._generate_and_score_completions)
+    assert issubclass(_compat.DistillationConfig, object) and "beta" in _compat.DistillationConfig.__dataclass_fields__
+
+
+def test_forward_redirection_routes_a_method_through_the_wrapper():
+    class Inner(nn.Module):
+        def forward(self, x):
+            return x
+
+        def special(self, x, y):
+            return x * y
+
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    inner = Inner()
+    wrapper = Wrapper(inner)
+    out = _compat.ForwardRedirection()(wrapper, inner, inner.special, torch.tensor(2.0), torch.tensor(3.0))
+    assert out == 6.0 and wrapper.calls == 1
+    assert inner.forward(torch.tensor(1.0)) == 1.0  # the original forward is restored
+
+
+def test_unwrap_model_for_generation_is_a_context_manager_taking_generation_kwargs():
+    sig = inspect.signature(_compat.unwrap_model_for_generation)
+    assert list(sig.parameters)[:2] == ["model", "accelerator"]
+    assert "generation_kwargs" in sig.parameters and "gradient_checkpointing_kwargs" in sig.parameters
+
+
+def test_maybe_gather_lm_head_ctx_is_a_no_op_without_zero3():
+    weight = nn.Parameter(torch.ones(3, 2))
+    with _compat.maybe_gather_lm_head_ctx(weight, None):
+        assert weight.shape == (3, 2)
+
+
+def test_chunked_divergence_function_returns_per_token_divergence_and_entropy():
+    torch.manual_seed(0)
+    hs, ht = torch.randn(5, 4), torch.randn(5, 6)
+    ws, wt = torch.randn(11, 4, requires_grad=True), torch.randn(11, 6)
+    for beta in (0.0, 0.5, 1.0):
+        div, ent = _compat.ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, beta, 1.0, 1.0, None, 1.0, None)
+        ref = generalized_jsd(hs @ ws.t(), ht @ wt.t(), beta)
+        torch.testing.assert_close(div, ref, rtol=1e-4, atol=1e-6)
+        logp = torch.log_softmax(hs @ ws.t(), -1)
+        torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_prepare_deepspeed_is_callable_with_model_and_accelerator():
+    assert params(_compat.prepare_deepspeed)[:2] == ["model", "accelerator"]
+
+
+def test_checkpoint_names_and_sorting(tmp_path):
+    assert _compat.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    assert _compat.TRAINER_STATE_NAME == "trainer_state.json"
+    for step in (10, 2, 30):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+    assert [os.path.basename(p) for p in _compat.sort_checkpoints(str(tmp_path))] == [
+        "checkpoint-2",
+        "checkpoint-10",
+        "checkpoint-30",
+    ]
+
+
+def test_trainer_private_methods_trl_tip_overrides_keep_their_signatures():
+    """`TIPTrainerMixin` / `TIPTrainer` override or call these `transformers.Trainer` internals."""
+    assert params(Trainer._save_checkpoint) == ["self", "model", "trial"]
+    assert params(Trainer._load_from_checkpoint)[:2] == ["self", "resume_from_checkpoint"]
+    assert params(Trainer._load_rng_state) == ["self", "checkpoint"]
+    assert params(Trainer.get_batch_samples) == ["self", "epoch_iterator", "num_batches", "device"]
+    assert params(Trainer._get_output_dir) == ["self", "trial"]
+    assert "num_items_in_batch" in params(Trainer.compute_loss)
+    assert "num_items_in_batch" in params(Trainer.training_step)
+    # `get_batch_samples` is where Trainer counts the step's tokens; it returns (batches, count).
+    assert "return batch_samples, num_items_in_batch" in inspect.getsource(Trainer.get_batch_samples)
+    # Trainer skips its own division by the accumulation steps when the trainer declares it scales itself.
+    assert "loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)
