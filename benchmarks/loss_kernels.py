@@ -95,14 +95,14 @@ def main(argv=None) -> list[dict]:
         th = teacher_hidden[:k]
         ones = torch.ones(k, device=device)
 
-        def ours():
+        def ours(h=h, th=th, ones=ones, k=k):
             student_head.weight.grad = None
             h.grad = None
             loss = kept_token_jsd(h, th, s_out, t_out, ones, beta=args.beta, chunk_size=1024) / k
             loss.backward()
             return loss
 
-        def trl():
+        def trl(h=h, th=th, k=k):
             student_head.weight.grad = None
             h.grad = None
             div, _ = ChunkedDivergenceFunction.apply(

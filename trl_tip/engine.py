@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .loss import OutputHead, kept_token_jsd, token_jsd_with_signals
+from .loss import OutputHead, gathered_heads, kept_token_jsd, token_jsd_with_signals
 from .selection import AllTokens, TokenSelector, validate_selection
 from .selection.context import Processes, QuadrantSplit, build_context, selection_seed
 from .signals import LOGIT_SIGNALS, TokenSignals, compute_token_signals
@@ -294,9 +294,14 @@ class TokenSelectionEngine:
         Returns:
             `tuple`: The scalar loss and the [`SelectionRecord`].
         """
-        if set(batch.extras) < self.model_signals:
-            missing = sorted(self.model_signals - set(batch.extras))
+        missing = sorted(self.model_signals - set(batch.extras))
+        if missing:
             raise ValueError(f"The selector needs the extra signals {missing}, which the trainer did not compute.")
+        # ZeRO-3 partitioned heads are gathered for the signals pass and the loss (a no-op otherwise).
+        with gathered_heads(batch.student_head, batch.teacher_head):
+            return self._compute(batch, global_step, training, step_tokens, micro_batches_per_step, eval_num_items)
+
+    def _compute(self, batch, global_step, training, step_tokens, micro_batches_per_step, eval_num_items):
         extras = dict(batch.extras)
         hidden = batch.student_hidden
         fused = None

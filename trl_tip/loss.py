@@ -10,7 +10,8 @@ chunk's logits are alive at any moment, in the forward and in the backward. Othe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from .fused import chunk_signals, jsd_and_grad
 from .signals import generalized_jsd
 
 
-__all__ = ["OutputHead", "kept_token_jsd", "token_jsd_with_signals"]
+__all__ = ["OutputHead", "gathered_heads", "kept_token_jsd", "logit_scale_of", "token_jsd_with_signals"]
 
 
 def logit_scale_of(config) -> float:
@@ -56,6 +57,10 @@ class OutputHead:
         self.module = module
         self.softcap = softcap
         self.scale = float(scale)
+        # Under FSDP2 a sharded head's weight is a DTensor: gather it once here (per micro-batch), not once per chunk.
+        # `full_tensor()` is differentiable, so the student's gradient is reduce-scattered back to its shards.
+        self.weight = _materialized(getattr(module, "weight", None))
+        self.bias = _materialized(getattr(module, "bias", None))
 
     @classmethod
     def from_model(cls, model: nn.Module) -> OutputHead:
@@ -87,19 +92,51 @@ class OutputHead:
         return factor
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.is_plain_linear:
+            return self.cap(F.linear(hidden, self.weight, self.bias))
         return self.cap(self.module(hidden))
 
     @property
     def is_plain_linear(self) -> bool:
-        """Whether the head is a plain `nn.Linear` whose weight is materialised (not sharded by ZeRO-3/FSDP)."""
-        weight = getattr(self.module, "weight", None)
+        """Whether the head is a plain `nn.Linear` whose weight is materialised here (gathered from FSDP2 shards, or
+        inside a ZeRO-3 gather, see [`gathered_heads`])."""
+        weight = self.weight
         return (
             type(self.module) is nn.Linear
-            and isinstance(weight, torch.Tensor)
             and type(weight) in (torch.Tensor, nn.Parameter)
-            and not hasattr(weight, "ds_id")
             and weight.numel() > 0
+            and weight.dim() == 2
         )
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The head's weight and bias, as stored by the module (for a ZeRO-3 gather)."""
+        return [p for p in (getattr(self.module, "weight", None), getattr(self.module, "bias", None)) if p is not None]
+
+
+def _materialized(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The full tensor of a DTensor (FSDP2 shard), else the tensor itself."""
+    if tensor is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def gathered_heads(*heads: OutputHead) -> Iterator[None]:
+    """Within the block, the weights of ZeRO-3 partitioned heads are gathered (a no-op otherwise).
+
+    The fused loss reads `lm_head.weight` directly and computes its gradient in the forward, so the gather must span
+    the signals pass and the loss; the caller runs inside the model's forward (`_forward_redirection`), so that
+    ZeRO-3's gradient hooks are armed for the backward.
+    """
+    from ._compat import maybe_gather_lm_head_ctx
+
+    params = [p for head in heads for p in head.parameters()]
+    with maybe_gather_lm_head_ctx(*params):
+        yield
 
 
 def _chunks(n: int, chunk_size: int):
@@ -236,11 +273,10 @@ def kept_token_jsd(
     """
     token_weights = token_weights.detach().float()
     if head.is_plain_linear:
-        module = head.module
         return _FusedLinearGeneralizedJSD.apply(
             hidden,
-            module.weight,
-            module.bias,
+            head.weight,
+            head.bias,
             teacher_hidden,
             token_weights,
             head,
@@ -303,13 +339,12 @@ def token_jsd_with_signals(
     """
     if not head.is_plain_linear:
         return None
-    module = head.module
     signals: dict = {"targets": targets, "divergence_kind": divergence}
     weights = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device)
     loss = _FusedLinearGeneralizedJSD.apply(
         hidden,
-        module.weight,
-        module.bias,
+        head.weight,
+        head.bias,
         teacher_hidden,
         weights,
         head,

@@ -3,8 +3,8 @@
 [`TIPTrainerMixin`] sits before the TRL trainer in the MRO (`class TIPTrainer(TIPTrainerMixin, GKDTrainer)`). An
 adapter provides
 
-- `_tip_hidden(model, view, unwrapped)`: the final hidden states of `model` on a [`ForwardView`] (a `(B, L, d)`
-  tensor whose column `j` is the state at shifted position `view.hidden_offset + j`);
+- `_tip_backbone(unwrapped, view)`: the final hidden states of an unwrapped model on a [`ForwardView`] (a `(B, L, d)`
+  tensor whose column `j` is the state at shifted position `view.hidden_offset + j`), without logits;
 
 and calls [`TIPTrainerMixin._tip_loss`] from its loss computation. Everything else — the teacher pass, ssToken's
 extra signals, the engine, statistics in the logs, the selection state in checkpoints, observers — is here.
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import is_peft_available, logging
 
-from .._compat import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME, sort_checkpoints
+from .._compat import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME, ForwardRedirection, sort_checkpoints
 from ..engine import SelectionRecord, TokenBatch, TokenSelectionEngine
 from ..loss import OutputHead
 from ..selection import TokenSelector, build_selector
@@ -101,8 +101,8 @@ class ForwardView:
         attention_mask: `(B, T)`, 1 at real tokens.
         loss_mask: `(B, T - 1)` boolean: the hidden state at shifted position `p` is trained to predict token `p + 1`.
         prompt_mask: `(B, T)` boolean: the prompt tokens of each row (for the ssToken attention score).
-        hidden_offset: Shifted position of the first column of the hidden states `_tip_hidden` returns.
-        model_kwargs: Further inputs of the forward (e.g. multimodal fields), passed to `_tip_hidden`.
+        hidden_offset: Shifted position of the first column of the hidden states `_tip_backbone` returns.
+        model_kwargs: Further inputs of the forward (e.g. multimodal fields), passed to `_tip_backbone`.
     """
 
     input_ids: torch.Tensor
@@ -133,6 +133,8 @@ class TIPTrainerMixin:
     def _init_tip(self, args, selector: TokenSelector | None, beta: float, temperature: float = 1.0) -> None:
         """Builds the engine (and ssToken's history model when the rule needs one); call after `Trainer.__init__`."""
         self.selector = selector if selector is not None else build_selector(args)
+        if getattr(self, "_forward_redirection", None) is None:
+            self._forward_redirection = ForwardRedirection()
         self.tip_engine = TokenSelectionEngine(
             self.selector,
             args,
@@ -212,8 +214,18 @@ class TIPTrainerMixin:
 
     # ------------------------------------------------------------------ the loss of one micro-batch
 
-    def _tip_hidden(self, model: nn.Module, view: ForwardView, unwrapped: nn.Module) -> torch.Tensor:
+    def _tip_backbone(self, unwrapped: nn.Module, view: ForwardView) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - provided by each adapter
+
+    def _tip_hidden(
+        self, model: nn.Module, view: ForwardView, unwrapped: nn.Module, redirect: bool = False
+    ) -> torch.Tensor:
+        """Hidden states of `unwrapped` on `view`; with `redirect`, run inside `model`'s forward (its wrapper's, or
+        its own module hooks: FSDP2 and DeepSpeed gather the sharded parameters there). The student's pass is already
+        inside its forward (the whole loss is); the teacher's is redirected."""
+        if redirect:
+            return self._forward_redirection(model, unwrapped, self._tip_backbone, unwrapped, view)
+        return self._tip_backbone(unwrapped, view)
 
     def _tip_loss(
         self,
@@ -227,7 +239,8 @@ class TIPTrainerMixin:
     ) -> tuple[torch.Tensor, SelectionRecord]:
         """Teacher, ssToken extras, student, then the engine: the loss of one micro-batch on its kept tokens.
 
-        `student` and `teacher` are what `_tip_hidden` runs (wrapped or unwrapped, as the adapter needs).
+        Call it inside the student's forward (`_forward_redirection`); `student` is the unwrapped student, `teacher`
+        the teacher as prepared by the trainer (wrapped or not).
         """
         seq_idx, pos_idx = view.loss_mask.nonzero(as_tuple=True)
         targets = view.input_ids[:, 1:][seq_idx, pos_idx]
@@ -239,7 +252,7 @@ class TIPTrainerMixin:
         teacher.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(teacher)
         with torch.no_grad():
-            teacher_hidden = self._tip_hidden(teacher, view, unwrapped_teacher)[seq_idx, cols]
+            teacher_hidden = self._tip_hidden(teacher, view, unwrapped_teacher, redirect=True)[seq_idx, cols]
         unwrapped_student = self.accelerator.unwrap_model(student)
         teacher_head = OutputHead.from_model(causal_lm(unwrapped_teacher))
         extras: dict[str, torch.Tensor] = {}

@@ -99,13 +99,13 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
 
     # ------------------------------------------------------------------ forward passes and loss
 
-    def _tip_hidden(self, model: nn.Module, view: ForwardView, unwrapped: nn.Module) -> torch.Tensor:
-        """TRL's `_get_last_hidden_state` on the completion positions, routed through `model`'s wrapper when it is
-        not the unwrapped model (the teacher under DeepSpeed or FSDP)."""
-        args = (unwrapped, view.input_ids, view.attention_mask, view.input_ids.size(1) - 1 - view.hidden_offset)
-        if model is unwrapped:
-            return self._get_last_hidden_state(*args, **view.model_kwargs)
-        return self._forward_redirection(model, unwrapped, self._get_last_hidden_state, *args, **view.model_kwargs)
+    def _tip_backbone(self, unwrapped: nn.Module, view: ForwardView) -> torch.Tensor:
+        """TRL's `_get_last_hidden_state` on the completion positions (`(B, K, d)`, column `j` predicting completion
+        token `j`)."""
+        logits_to_keep = view.input_ids.size(1) - 1 - view.hidden_offset
+        return self._get_last_hidden_state(
+            unwrapped, view.input_ids, view.attention_mask, logits_to_keep, **view.model_kwargs
+        )
 
     @staticmethod
     def _view(inputs: dict[str, Any]) -> ForwardView:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from .._compat import ForwardRedirection, GKDTrainer, unwrap_model_for_generation
+from .._compat import GKDTrainer, unwrap_model_for_generation
 from ..config import TIPConfig
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
@@ -138,7 +138,6 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
         )
         args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
         check_peft_student(self.model)
-        self._forward_redirection = ForwardRedirection()
         self._init_tip(args, selector, beta=self.beta, temperature=1.0)
         self._tip_rng_pending: str | None = None
         self._tip_rng_restored: str | None = None
@@ -200,12 +199,9 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
 
     # ------------------------------------------------------------------ forward passes and loss
 
-    def _tip_hidden(self, model: nn.Module, view: ForwardView, unwrapped: nn.Module) -> torch.Tensor:
-        """Final hidden states `(B, T - 1, d)` of `model`, without logits: the decoder stack is called directly,
-        routed through `model`'s wrapper (DDP, FSDP, DeepSpeed) when it is not the unwrapped model itself."""
-        if model is unwrapped:
-            return backbone_hidden(unwrapped, view)
-        return self._forward_redirection(model, unwrapped, backbone_hidden, unwrapped, view)
+    def _tip_backbone(self, unwrapped: nn.Module, view: ForwardView) -> torch.Tensor:
+        """Final hidden states `(B, T - 1, d)`, without logits: the decoder stack is called directly."""
+        return backbone_hidden(unwrapped, view)
 
     @staticmethod
     def _view(inputs: dict[str, Any]) -> ForwardView:
