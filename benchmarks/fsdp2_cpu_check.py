@@ -191,7 +191,7 @@ def check(kind: str, rule: str, sharding: str, mesh) -> bool:
 
     loss_ok = torch.allclose(mean_loss, ref_loss.detach().double().reshape(1), rtol=RTOL, atol=1e-8)
     names_ok = grads.keys() == ref_grads.keys() and len(grads) > 0
-    worst = max((float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)) for n in grads))
+    worst = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)) for n in grads)
     grads_ok = names_ok and worst < RTOL
     ok = bool(loss_ok and grads_ok)
     print(
