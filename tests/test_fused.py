@@ -152,3 +152,40 @@ def test_token_jsd_with_signals_equals_two_pass_path():
     (g_ref,) = torch.autograd.grad(ref_loss, hidden)
     torch.testing.assert_close(g, g_ref)
     assert torch.all(g[4] == 0)
+
+
+@pytest.mark.parametrize("softcap, scale, bias", [(None, 1.0, False), (3.0, 0.5, True)])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_trl_backend_equals_fused_backend(softcap, scale, bias, beta):
+    """TRL's ChunkedDivergenceFunction as the loss backend: same weighted loss and gradients as trl-tip's."""
+    head, teacher_head = _heads(softcap=softcap, scale=scale, bias=bias)
+    head.module.float()
+    teacher_head.module.float()
+    head, teacher_head = OutputHead(head.module, softcap, scale), OutputHead(teacher_head.module, softcap, scale)
+    torch.manual_seed(3)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    teacher_hidden = torch.randn(7, 12)
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0, 3.0])
+    params = (hidden, head.module.weight) + ((head.module.bias,) if bias else ())
+    results = []
+    for backend in ("fused", "trl"):
+        loss = kept_token_jsd(hidden, teacher_hidden, head, teacher_head, weights, beta, 3, 0.8, backend=backend)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trl_backend_with_no_kept_position_gives_a_zero_loss_with_a_graph():
+    head, teacher_head = _heads()
+    head, teacher_head = OutputHead(head.module.float()), OutputHead(teacher_head.module.float())
+    hidden = torch.randn(0, 8, requires_grad=True)
+    loss = kept_token_jsd(hidden, torch.randn(0, 12), head, teacher_head, torch.ones(0), backend="trl")
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_unknown_loss_backend_names_allowed_values():
+    head, teacher_head = _heads()
+    with pytest.raises(ValueError, match="allowed values: auto, fused, trl"):
+        kept_token_jsd(torch.randn(2, 8), torch.randn(2, 12), head, teacher_head, torch.ones(2), backend="x")

@@ -22,7 +22,16 @@ from .fused import chunk_signals, jsd_and_grad
 from .signals import generalized_jsd
 
 
-__all__ = ["OutputHead", "gathered_heads", "kept_token_jsd", "logit_scale_of", "token_jsd_with_signals"]
+__all__ = [
+    "LOSS_BACKENDS",
+    "OutputHead",
+    "gathered_heads",
+    "kept_token_jsd",
+    "logit_scale_of",
+    "token_jsd_with_signals",
+]
+
+LOSS_BACKENDS = ("auto", "fused", "trl")
 
 
 def logit_scale_of(config) -> float:
@@ -254,8 +263,16 @@ def kept_token_jsd(
     beta: float = 0.5,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Weighted sum of the per-token generalized JSD over the kept positions, with grad, in chunks.
+
+    Three implementations, all without a `(positions × vocab)` tensor with grad: `"fused"` (trl-tip's: chunks of
+    positions, one log-softmax per model per chunk, the gradient computed in the forward), `"trl"` (TRL's
+    `ChunkedDivergenceFunction`: vocabulary tiles, Triton on CUDA, the gradient recomputed in the backward, where it
+    re-gathers ZeRO-3 partitioned heads), and a per-chunk checkpointed fallback for heads that are not a plain
+    linear layer (e.g. a LoRA-wrapped `lm_head`). `"auto"` takes TRL's kernel for a ZeRO-3 partitioned head and
+    trl-tip's otherwise.
 
     Args:
         hidden (`torch.Tensor`): Student final hidden states of the kept positions, shape `(K, d)`, with grad.
@@ -266,12 +283,41 @@ def kept_token_jsd(
         beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient, as in GKD.
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
         temperature (`float`, *optional*, defaults to `1.0`): Both logits are divided by it before the divergence.
+        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"fused"` or `"trl"` (see above).
 
     Returns:
         `torch.Tensor`: Scalar float32 `sum_k token_weights[k] * jsd_k`, differentiable with respect to `hidden`
         and the head's parameters.
     """
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; allowed values: {', '.join(LOSS_BACKENDS)}.")
     token_weights = token_weights.detach().float()
+    linear_heads = isinstance(teacher_head, OutputHead) and type(head.module) is nn.Linear
+    linear_heads = linear_heads and type(teacher_head.module) is nn.Linear
+    if backend == "auto":
+        partitioned = hasattr(getattr(head.module, "weight", None), "ds_id")
+        backend = "trl" if partitioned and linear_heads else "fused"
+    if backend == "trl":
+        if not linear_heads:
+            raise ValueError("backend='trl' needs plain linear student and teacher heads (OutputHead of nn.Linear).")
+        from ._compat import ChunkedDivergenceFunction
+
+        divergence, _ = ChunkedDivergenceFunction.apply(
+            hidden,
+            head.weight,
+            head.bias,
+            teacher_hidden,
+            teacher_head.weight,
+            teacher_head.bias,
+            float(beta),
+            float(temperature),
+            head.scale,
+            head.softcap,
+            teacher_head.scale,
+            teacher_head.softcap,
+        )
+        # `+ 0 * sum`: a valid graph to the hidden states even with no kept position.
+        return (divergence.float() * token_weights).sum() + hidden.sum() * 0.0
     if head.is_plain_linear:
         return _FusedLinearGeneralizedJSD.apply(
             hidden,
