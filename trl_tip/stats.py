@@ -180,7 +180,7 @@ class TIPStatistics:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The accumulated sums (saved in checkpoints so that a resumed run logs the same values)."""
-        return {"per_quadrant": self.per_quadrant.cpu(), "totals": self.totals.cpu()}
+        return {"per_quadrant": self.per_quadrant.detach().cpu().clone(), "totals": self.totals.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restores sums saved by [`state_dict`]."""

@@ -270,7 +270,7 @@ class SSToken:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Metric sums not yet logged (saved in checkpoints so that a resumed run logs the same values)."""
-        return {"sums": self._sums.cpu()}
+        return {"sums": self._sums.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restores what [`state_dict`] returned."""

@@ -242,6 +242,11 @@ class TIPTrainerMixin:
         Call it inside the student's forward (`_forward_redirection`); `student` is the unwrapped student, `teacher`
         the teacher as prepared by the trainer (wrapped or not).
         """
+        if getattr(self, "_tip_reset_history_after_load", False):
+            # Resumed from a checkpoint without a saved history: restart it from the resumed weights, which
+            # Trainer, DeepSpeed or FSDP have loaded by the first loss.
+            self.sstoken_history.reset(self.model)
+            self._tip_reset_history_after_load = False
         seq_idx, pos_idx = view.loss_mask.nonzero(as_tuple=True)
         targets = view.input_ids[:, 1:][seq_idx, pos_idx]
         cols = pos_idx - view.hidden_offset
@@ -379,10 +384,14 @@ class TIPTrainerMixin:
         A run killed while saving leaves a checkpoint folder without its trainer state or TIP state, which `Trainer`
         would pick and fail on; such folders are skipped with a warning. A checkpoint is complete when it holds
         `trainer_state.json` and the TIP state of every rank (written last); if none does (checkpoints written by
-        another trainer), the newest holding `trainer_state.json` is used.
+        another trainer), the newest holding `trainer_state.json` is used. The selection state (statistics, selector,
+        ssToken history) is restored here, before `Trainer.train`, whatever loads the model weights (`Trainer`
+        itself, DeepSpeed or FSDP).
         """
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
             resume_from_checkpoint = self._last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            self._load_tip_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _last_complete_checkpoint(self, output_dir: str) -> str:
@@ -405,10 +414,10 @@ class TIPTrainerMixin:
             )
         return chosen
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _load_tip_state(self, checkpoint: str) -> None:
+        """Restores the engine's state and the ssToken history saved with `checkpoint` (warns if missing)."""
         if self.sstoken_history is not None:
-            history_path = os.path.join(resume_from_checkpoint, HISTORY_STATE_NAME)
+            history_path = os.path.join(checkpoint, HISTORY_STATE_NAME)
             if os.path.isfile(history_path):
                 self.sstoken_history.load_state_dict(torch.load(history_path, map_location="cpu", weights_only=True))
             else:
@@ -416,11 +425,11 @@ class TIPTrainerMixin:
                     f"{history_path} is missing: the ssToken history model restarts from the resumed weights, so "
                     "selections differ from an uninterrupted run."
                 )
-                self.sstoken_history.reset(self.model)
-        path = os.path.join(resume_from_checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
+                self._tip_reset_history_after_load = True
+        path = os.path.join(checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
         if not os.path.isfile(path):
             logger.warning(
-                f"{path} is missing ({resume_from_checkpoint} was not written by a trl-tip trainer with this number of "
+                f"{path} is missing ({checkpoint} was not written by a trl-tip trainer with this number of "
                 "processes): the token statistics start empty and a stateful selector starts fresh."
             )
             return

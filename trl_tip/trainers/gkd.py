@@ -266,6 +266,7 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
         self._tip_rng_pending = None
         super()._load_rng_state(checkpoint)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._tip_rng_pending = resume_from_checkpoint
+    def _load_tip_state(self, checkpoint: str) -> None:
+        super()._load_tip_state(checkpoint)
+        # The first step of the resumed run generates in `get_batch_samples`, before `Trainer` restores the RNG.
+        self._tip_rng_pending = checkpoint
