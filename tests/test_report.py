@@ -140,7 +140,7 @@ def test_token_dump_writes_jsonl_with_expected_fields(demo_run):
         assert positions == list(range(positions[0], positions[0] + len(positions))), "contiguous completion"
         for token in record["tokens"]:
             assert set(token) == TOKEN_FIELDS
-            assert token["token"] == tokenizer.convert_ids_to_tokens(token["token_id"])
+            assert token["token"] == tokenizer.decode([token["token_id"]])
             assert 0.0 <= token["entropy"] <= 1.0 and 0.0 <= token["divergence"] <= 1.0
             assert 0.0 <= token["student_prob"] <= 1.0 and 0.0 <= token["teacher_prob"] <= 1.0
             assert token["kept"] == (token["weight"] > 0)
