@@ -92,7 +92,9 @@ ASSISTANT = {"role": "assistant", "content": "2"}
     ],
     ids=["user_only", "ends_with_user", "assistant_only", "empty"],
 )
-def test_conversation_without_assistant_answer_raises(tmp_path, student, teacher, tokenizer, dataset, conversation, found):
+def test_conversation_without_assistant_answer_raises(
+    tmp_path, student, teacher, tokenizer, dataset, conversation, found
+):
     """GKD's collator trains on the last message: a user turn there would be learnt silently (or fail at the first
     batch for a single message)."""
     good = dataset.select(range(5)).to_list()

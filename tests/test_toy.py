@@ -27,9 +27,10 @@ def test_tokenizer_round_trips_with_spaces(tmp_path, with_model):
     assert reloaded.apply_chat_template(conversation, tokenize=False) == tokenizer.apply_chat_template(
         conversation, tokenize=False
     )
-    assert reloaded.apply_chat_template(conversation)["input_ids"] == tokenizer.apply_chat_template(conversation)[
-        "input_ids"
-    ]
+    assert (
+        reloaded.apply_chat_template(conversation)["input_ids"]
+        == tokenizer.apply_chat_template(conversation)["input_ids"]
+    )
     for name in ("pad_token", "eos_token", "unk_token"):
         assert getattr(reloaded, name) == getattr(tokenizer, name), name
 
