@@ -132,3 +132,15 @@ def test_command_filters_are_narrow():
         "`my_option` is deprecated and will be removed.",
         "an experimental API the user imported",
     ]
+
+
+def test_demo_help_explains_every_option():
+    """`trl-tip demo --help` had no text for most options, and did not say its rule differs from the library's."""
+    from trl_tip.demo import make_parser
+
+    parser = make_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 10 and all(a.help for a in options), [a.dest for a in options if not a.help]
+    token_selection = next(a for a in options if a.dest == "token_selection")
+    assert token_selection.default == "tip" and "TIPConfig defaults to entropy_sample" in token_selection.help
+    assert "--verbose" in parser.format_help()
