@@ -86,7 +86,7 @@ def main() -> int:
     ns = parser.parse_args()
 
     from trl_tip.toy import make_tokenizer
-    from trl_tip.train import make_parser, run
+    from trl_tip.train import parse_args, run
 
     recipe = yaml.safe_load(open(ns.recipe))
     device = "cpu" if ns.tiny else "cuda"
@@ -98,18 +98,20 @@ def main() -> int:
         _save_random_model(recipe["teacher_model_name_or_path"], teacher, tokenizer, ns.tiny, device)
         data = os.path.join(tmp, "train.jsonl")
         # One character = one token: prompts fill max_length minus the answer, then max_new_tokens are generated.
-        max_length = int(recipe.get("max_length", 1024))
+        distillation = recipe.get("trainer") == "distillation"
+        max_length = int(recipe.get("max_length", 1024))  # DistillationConfig has none: prompts of ~1024 tokens
         _dataset(data, 64, max_length - 64 - 8, 64)
         argv = ["--config", ns.recipe, "--model_name_or_path", student, "--teacher_model_name_or_path", teacher]
         argv += ["--dataset_name", data, "--output_dir", os.path.join(tmp, "out"), "--max_steps", str(ns.steps)]
         argv += ["--gradient_accumulation_steps", "1", "--save_strategy", "no", "--logging_steps", "1"]
         if ns.tiny:
-            argv += ["--use_cpu", "true", "--bf16", "false", "--max_new_tokens", "4", "--dtype", "float32"]
+            length_flag = "--max_completion_length" if distillation else "--max_new_tokens"
+            argv += ["--use_cpu", "true", "--bf16", "false", length_flag, "4", "--dtype", "float32"]
             argv += ["--bnb_4bit_compute_dtype", "float32", "--per_device_train_batch_size", "2"]
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+        script_args, training_args, model_args = parse_args(argv)  # the recipe's `trainer` picks the config
         trainer = run(script_args, training_args, model_args)
         logs = [log for log in trainer.state.log_history if "tip/tokens_eligible" in log]
         tokens = logs[-1]["tip/tokens_eligible"] if logs else float("nan")

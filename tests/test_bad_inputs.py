@@ -67,3 +67,61 @@ def test_custom_collator_skips_the_column_check(tmp_path, student, teacher, toke
     trainer = build(tmp_path, student, teacher, tokenizer, renamed, data_collator=collator)
     trainer.train()
     assert any("tip/kept_frac" in log for log in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("split", ["train_dataset", "eval_dataset"])
+def test_empty_dataset_raises_at_construction(tmp_path, student, teacher, tokenizer, dataset, split):
+    """Before the check, an empty train_dataset stopped SFTTrainer's __init__ with a bare StopIteration."""
+    empty = dataset.select([])
+    kwargs = {"eval_dataset": empty} if split == "eval_dataset" else {}
+    with pytest.raises(ValueError, match=rf"{split} is empty \(0 rows\)"):
+        build(tmp_path, student, teacher, tokenizer, empty if split == "train_dataset" else dataset, **kwargs)
+
+
+USER = {"role": "user", "content": "1+1"}
+ASSISTANT = {"role": "assistant", "content": "2"}
+
+
+@pytest.mark.parametrize(
+    "conversation, found",
+    [
+        ([USER], "1 message\\(s\\), the last from 'user'"),
+        ([USER, ASSISTANT, {"role": "user", "content": "and 2+2?"}], "3 message\\(s\\), the last from 'user'"),
+        ([ASSISTANT], "1 message\\(s\\), the last from 'assistant'"),
+        ([], "no message"),
+    ],
+    ids=["user_only", "ends_with_user", "assistant_only", "empty"],
+)
+def test_conversation_without_assistant_answer_raises(
+    tmp_path, student, teacher, tokenizer, dataset, conversation, found
+):
+    """GKD's collator trains on the last message: a user turn there would be learnt silently (or fail at the first
+    batch for a single message)."""
+    good = dataset.select(range(5)).to_list()
+    bad = Dataset.from_list(good + [{"messages": conversation}] + good)
+    with pytest.raises(ValueError, match=rf"train_dataset has 1 conversation\(s\) .*\(first: row 5, {found}\)"):
+        build(tmp_path, student, teacher, tokenizer, bad)
+
+
+def test_conversation_check_reads_the_rows_of_a_view(tmp_path, student, teacher, tokenizer, dataset):
+    """A shuffled / filtered dataset is an index mapping over its table: the rows checked are those of the view."""
+    bad = Dataset.from_list(dataset.to_list() + [{"messages": [USER]}])
+    view = bad.select(range(len(dataset))).shuffle(seed=0)  # the bad row is in the table but not in the view
+    build(tmp_path, student, teacher, tokenizer, view)
+    with pytest.raises(ValueError, match=r"eval_dataset has 1 conversation"):
+        build(tmp_path, student, teacher, tokenizer, view, eval_dataset=bad.shuffle(seed=1))
+
+
+def test_tokenizer_without_chat_template_raises_at_construction(tmp_path, student, teacher, tokenizer, dataset):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match=r"has no chat template.*apply_chat_template"):
+        build(tmp_path, student, teacher, tokenizer, dataset)
+
+
+@pytest.mark.parametrize("config", ["TIPConfig", "TIPDistillationConfig"])
+def test_use_liger_kernel_is_refused(tmp_path, config):
+    import trl_tip
+
+    with pytest.raises(ValueError, match=r"use_liger_kernel=True is not supported.*hidden states"):
+        getattr(trl_tip, config)(output_dir=str(tmp_path), use_cpu=True, bf16=False, use_liger_kernel=True)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl_tip.cli import COMMANDS, main  # noqa: E402
-from trl_tip.config import TIPConfig  # noqa: E402
+from trl_tip.config import TIPConfig, TIPDistillationConfig  # noqa: E402
 from trl_tip.models import TIPModelConfig, get_quantization_config  # noqa: E402
 from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer  # noqa: E402
-from trl_tip.train import make_parser  # noqa: E402
+from trl_tip.train import make_parser, parse_args  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +34,13 @@ def test_recipe_parses(recipe, tmp_path):
     text = recipe.read_text()
     head = text.split("\n# Models")[0]
     assert "Written for: student" in head and "Memory per GPU" in head
-    script_args, training_args, model_args = make_parser().parse_args_and_config(
-        ["--config", str(recipe), "--output_dir", str(tmp_path), *CPU]
-    )
-    assert isinstance(training_args, TIPConfig) and isinstance(model_args, TIPModelConfig)
+    script_args, training_args, model_args = parse_args(["--config", str(recipe), "--output_dir", str(tmp_path), *CPU])
+    distillation = recipe.stem.startswith("distillation_")
+    assert script_args.trainer == ("distillation" if distillation else "gkd")
+    assert isinstance(training_args, TIPDistillationConfig if distillation else TIPConfig)
+    assert isinstance(model_args, TIPModelConfig)
     assert model_args.model_name_or_path and training_args.teacher_model_name_or_path and script_args.dataset_name
-    kind = recipe.stem.split("_")[0]
+    kind = recipe.stem.removeprefix("distillation_").split("_")[0]
     assert model_args.use_peft == (kind in ("lora", "qlora"))
     quantization = get_quantization_config(model_args)
     assert (quantization is not None) == (kind == "qlora")
@@ -55,6 +58,17 @@ def tiny_models(tmp_path_factory):
         make_model(tokenizer, 32, 1, seed=seed).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     arithmetic_dataset(16).to_json(str(root / "train.jsonl"))
+    # Text with spaces: the toy tokenizer must survive save_pretrained / from_pretrained next to a Qwen2 model.
+    spaced = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": f"It is {a + b}."},
+            ]
+        }
+        for a, b in zip(range(10, 26), range(30, 46))
+    ]
+    Dataset.from_list(spaced).to_json(str(root / "spaced.jsonl"))
     return root
 
 
@@ -127,3 +141,165 @@ def test_quantization_configs_from_model_args():
         TIPModelConfig(teacher_load_in_4bit=True, teacher_load_in_8bit=True)
     with pytest.raises(ValueError, match="bnb_4bit_compute_dtype"):
         TIPModelConfig(bnb_4bit_compute_dtype="int8")
+
+
+def _local(tiny_models, out, data="spaced.jsonl"):
+    return [
+        "--model_name_or_path",
+        str(tiny_models / "student"),
+        "--teacher_model_name_or_path",
+        str(tiny_models / "teacher"),
+        "--dataset_name",
+        str(tiny_models / data),
+        "--output_dir",
+        str(out),
+        *CPU,
+        "--dtype",
+        "float32",
+        "--teacher_dtype",
+        "float32",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+    ]
+
+
+def _tip_logs(out: Path) -> list[dict]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "tip/kept_frac" in entry]
+
+
+def test_cli_gkd_run_on_saved_toy_models_is_reportable(tiny_models, tmp_path, capsys):
+    """`trl-tip train` on saved toy models and text with spaces trains, writes trainer_state.json and the token dump
+    at the top of the run; `trl-tip report RUN` then writes RUN/report with the TIP map (not checkpoint-N/report)."""
+    from trl_tip.report import main as report_main
+
+    out = tmp_path / "run"
+    argv = ["train", *_local(tiny_models, out), "--max_steps", "3", "--max_new_tokens", "6", "--lmbda", "0.0"]
+    argv += ["--save_strategy", "steps", "--save_steps", "2", "--token_selection", "tip"]
+    main([*argv, "--dump_tokens_every", "1", "--dump_completions", "2"])
+    assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
+    assert [entry["step"] for entry in _tip_logs(out)] == [1, 2, 3]  # the final state, past the last checkpoint
+    dump = [json.loads(line) for line in (out / "tip_tokens.jsonl").read_text().splitlines()]
+    assert sorted({record["step"] for record in dump}) == [1, 2, 3] and len(dump) == 6
+    # lmbda=0: the completions are the dataset's, so the dump shows the spaced text as it was written.
+    assert all(record["prompt"].startswith("<|user|>What is ") for record in dump)
+    assert all("".join(t["token"] for t in record["tokens"]).startswith("It is ") for record in dump)
+    capsys.readouterr()
+    report_main([str(out)])
+    printed = capsys.readouterr().out
+    assert f"trl-tip report of {out / 'trainer_state.json'}" in printed and "step 3 (last of 3 logged)" in printed
+    assert (out / "report" / "tip_map.png").is_file() and (out / "report" / "tokens.html").is_file()
+    assert not (out / "checkpoint-2" / "report").exists()
+
+
+def test_cli_distillation_recipe_with_local_models(tiny_models, tmp_path):
+    """The distillation recipe (`trainer: distillation`) runs TIPDistillationTrainer end to end on a `messages`
+    dataset, turned into prompts; LoRA student, tip rule, token dump."""
+    import torch
+
+    recipe = ROOT / "recipes" / "qwen2.5-0.5b-from-1.5b" / "distillation_lora_tip.yaml"
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(recipe), *_local(tiny_models, out), "--max_steps", "2"]
+    main([*argv, "--max_completion_length", "4", "--save_strategy", "no", "--lora_r", "4", "--dump_tokens_every", "2"])
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert isinstance(args, TIPDistillationConfig) and args.token_selection == "tip" and args.beta == 0.5
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    logs = _tip_logs(out)
+    assert [entry["step"] for entry in logs] == [1, 2]
+    assert all(entry["tip/tokens_eligible"] > 0 and entry["tip/kept_frac"] == pytest.approx(0.5) for entry in logs)
+    dump = [json.loads(line) for line in (out / "tip_tokens.jsonl").read_text().splitlines()]
+    # The prompt is the conversation without its assistant answer; the completion is the student's own.
+    assert dump and all(record["prompt"].endswith("?<|end|><|assistant|>") for record in dump)
+    assert all("It is" not in record["prompt"] for record in dump)
+
+
+def test_cli_distillation_flag_on_prompt_dataset(tiny_models, tmp_path):
+    """`--trainer distillation` on a plain-text `prompt` dataset, without a recipe."""
+    data = tmp_path / "prompts.jsonl"
+    Dataset.from_list([{"prompt": f"What is {i} + 1?"} for i in range(8)]).to_json(str(data))
+    out = tmp_path / "out"
+    argv = ["train", "--trainer", "distillation", *_local(tiny_models, out), "--dataset_name", str(data)]
+    main([*argv, "--max_steps", "1", "--max_completion_length", "3", "--save_strategy", "no"])
+    assert [entry["step"] for entry in _tip_logs(out)] == [1]
+
+
+def test_prepare_dataset_shapes():
+    from trl_tip.train import prepare_dataset
+
+    user, assistant = {"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"}
+    follow_up = {"role": "user", "content": "and 2 + 2?"}
+    conversations = Dataset.from_list([{"messages": [user, assistant]}, {"messages": [user, assistant, follow_up]}])
+    assert prepare_dataset(conversations, "gkd") is conversations
+    prompts = prepare_dataset(conversations, "distillation")
+    assert prompts.column_names == ["prompt"]
+    assert prompts[0]["prompt"] == [user] and prompts[1]["prompt"] == [user, assistant, follow_up]
+    plain = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}])
+    assert prepare_dataset(plain, "distillation") is plain  # TRL reads the prompt and ignores the completion
+    assert prepare_dataset(plain, "gkd")[0]["messages"] == [
+        {"role": "user", "content": "1 + 1 ="},
+        {"role": "assistant", "content": " 2"},
+    ]
+    chat = Dataset.from_list([{"prompt": [user], "completion": [assistant]}])
+    assert prepare_dataset(chat, "gkd")[0]["messages"] == [user, assistant]
+    other = Dataset.from_list([{"question": "1 + 1", "answer": "2"}])
+    with pytest.raises(ValueError, match=r"has columns \['question', 'answer'\]; `--trainer gkd` needs a `messages`"):
+        prepare_dataset(other, "gkd")
+    with pytest.raises(ValueError, match=r"`--trainer distillation` needs a `prompt` column"):
+        prepare_dataset(other, "distillation")
+    with pytest.raises(ValueError, match="no message before its assistant answer"):
+        prepare_dataset(Dataset.from_list([{"messages": [assistant]}]), "distillation")
+
+
+def test_trainer_comes_from_the_flag_or_the_recipe(tmp_path):
+    from trl_tip.train import trainer_of
+
+    recipe = ROOT / "recipes" / "qwen2.5-0.5b-from-1.5b" / "distillation_lora_tip.yaml"
+    assert trainer_of([]) == "gkd"
+    assert trainer_of(["--config", str(recipe)]) == "distillation"
+    assert trainer_of(["--config", str(recipe), "--trainer", "gkd"]) == "gkd"
+    assert trainer_of(["--trainer=distillation"]) == "distillation"
+    with pytest.raises(ValueError, match=r"trainer='grpo' is unknown; use one of gkd, distillation"):
+        trainer_of(["--trainer", "grpo"])
+
+
+def test_train_help_is_short_and_true(capsys):
+    from trl_tip.train import short_help
+
+    main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert text == short_help()
+    assert len(text.splitlines()) <= 45 and "--config RECIPE.yaml" in text and "--help-all" in text
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", text)) - {"--config", "--help-all"}
+    for trainer in ("gkd", "distillation"):
+        known = {s for action in make_parser(trainer)._actions for s in action.option_strings}
+        assert options <= known, f"{trainer}: {sorted(options - known)}"
+    from trl_tip.selection import TOKEN_SELECTIONS
+
+    rules = text.split("--token_selection RULE")[1].split("--keep_ratio")[0]
+    assert sorted(re.findall(r"[a-z_]+", rules.replace("(default)", ""))) == sorted(TOKEN_SELECTIONS)
+    assert "(default)" in rules.split("entropy_sample")[1][:12]  # TIPConfig's default rule
+
+
+@pytest.mark.parametrize("trainer", ["gkd", "distillation"])
+def test_train_help_all_lists_every_option_and_a_true_teacher_help(capsys, trainer):
+    main(["train", "--help-all", "--trainer", trainer])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--token_selection" in text and "--dump_tokens_every" in text and "--lora_r" in text
+    assert ("--max_new_tokens" in text) == (trainer == "gkd")
+    assert ("--max_completion_length" in text) == (trainer == "distillation")
+    assert "does not default to the student" in text and "same as the model being trained" not in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without GPU")
+def test_bf16_recipe_on_cpu_explains_the_fix(tmp_path):
+    recipe = ROOT / "recipes" / "qwen2.5-0.5b-from-1.5b" / "lora_tip.yaml"
+    with pytest.raises(ValueError, match=r"--use_cpu true --bf16 false --dtype float32 --teacher_dtype float32"):
+        parse_args(["--config", str(recipe), "--output_dir", str(tmp_path)])
+    _, training_args, _ = parse_args(["--config", str(recipe), "--output_dir", str(tmp_path), *CPU])
+    assert training_args.use_cpu and not training_args.bf16

@@ -268,3 +268,80 @@ def test_lora_lm_head_fallback_gradients(tokenizer):
     torch.testing.assert_close(loss, reference.float(), rtol=1e-5, atol=1e-6)
     for grad, ref in zip(grads, reference_grads):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def _prompt_learning(kind: str):
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    config_class = PromptTuningConfig if kind == "prompt_tuning" else PrefixTuningConfig
+    return config_class(task_type="CAUSAL_LM", num_virtual_tokens=4)
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("how", ["peft_config", "peft_model"])
+def test_prompt_learning_students_are_refused(tmp_path, tokenizer, kind, how):
+    """Prompt tuning prepends virtual tokens (the loss would read shifted positions); prefix tuning adds key/values
+    the decoder call does not get (a shape error deep in attention). Both are refused before training."""
+    from peft import get_peft_model
+
+    student = make_model(tokenizer, 32, 1, seed=2)
+    peft_config = _prompt_learning(kind)
+    kwargs = {"peft_config": peft_config} if how == "peft_config" else {}
+    if how == "peft_model":
+        student = get_peft_model(student, peft_config)
+    name = "PromptTuningConfig" if kind == "prompt_tuning" else "PrefixTuningConfig"
+    with pytest.raises(ValueError, match=rf"Prompt-learning PEFT methods are not supported \(got {name}\).*LoRA"):
+        TIPTrainer(
+            model=student,
+            teacher_model=make_model(tokenizer, 32, 1, seed=1),
+            args=_args(tmp_path),
+            train_dataset=arithmetic_dataset(8),
+            processing_class=tokenizer,
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("saved_dtype", [torch.bfloat16, torch.float16])
+def test_teacher_by_path_loads_in_its_checkpoint_dtype_like_gkd(tmp_path, tokenizer, saved_dtype):
+    """A teacher given by id or path loads like GKDTrainer loads it: `from_pretrained`'s default dtype ("auto", the
+    checkpoint's), unless `teacher_model_init_kwargs` sets one; the student still defaults to float32 (as in TRL)."""
+    from trl_tip._compat import GKDConfig
+
+    path = tmp_path / "teacher"
+    make_model(tokenizer, 32, 1, seed=1, dtype=saved_dtype).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    common = dict(max_steps=1, lmbda=0.0, max_new_tokens=4, report_to="none", use_cpu=True, bf16=False)
+    gkd = GKDTrainer(
+        model=make_model(tokenizer, 32, 1, seed=2),
+        teacher_model=str(path),
+        args=GKDConfig(output_dir=str(tmp_path / "gkd"), **common),
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
+    tip = TIPTrainer(
+        model=make_model(tokenizer, 32, 1, seed=2),
+        teacher_model=str(path),
+        args=tiny_args(tmp_path / "tip", **common),
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
+    assert gkd.teacher_model.dtype == saved_dtype
+    assert tip.teacher_model.dtype == gkd.teacher_model.dtype
+    tip.train()  # a float32 student learns from a half-precision teacher
+    assert tip.state.global_step == 1
+    explicit = TIPTrainer(
+        model=make_model(tokenizer, 32, 1, seed=2),
+        teacher_model=str(path),
+        args=tiny_args(tmp_path / "explicit", teacher_model_init_kwargs={"dtype": "float32"}, **common),
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
+    assert explicit.teacher_model.dtype == torch.float32
+    student = TIPTrainer(
+        model=str(path),
+        teacher_model=make_model(tokenizer, 32, 1, seed=1),
+        args=tiny_args(tmp_path / "student", **common),
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
+    assert student.model.dtype == torch.float32

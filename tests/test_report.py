@@ -140,7 +140,7 @@ def test_token_dump_writes_jsonl_with_expected_fields(demo_run):
         assert positions == list(range(positions[0], positions[0] + len(positions))), "contiguous completion"
         for token in record["tokens"]:
             assert set(token) == TOKEN_FIELDS
-            assert token["token"] == tokenizer.convert_ids_to_tokens(token["token_id"])
+            assert token["token"] == tokenizer.decode([token["token_id"]])
             assert 0.0 <= token["entropy"] <= 1.0 and 0.0 <= token["divergence"] <= 1.0
             assert 0.0 <= token["student_prob"] <= 1.0 and 0.0 <= token["teacher_prob"] <= 1.0
             assert token["kept"] == (token["weight"] > 0)
@@ -195,6 +195,24 @@ def test_report_reads_a_checkpoint_folder(demo_run, tmp_path):
     # The token dump lives in the run directory, one level above the checkpoint.
     assert report.token_dump == output_dir / TOKEN_DUMP_NAME
     assert set(report.figures) == set(FIGURES)
+
+
+def test_report_of_a_run_with_only_checkpoints_writes_into_the_run(demo_run, tmp_path):
+    """A run whose logs are only in its checkpoints (stopped before the end, or saved by a script without
+    `save_state`): the report reads the newest checkpoint's state but goes to RUN/report, with the run's token dump."""
+    output_dir, _ = demo_run
+    run = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        (run / name).mkdir(parents=True)
+        (run / name / "trainer_state.json").write_bytes(
+            (output_dir / "checkpoint-4" / "trainer_state.json").read_bytes()
+        )
+    (run / TOKEN_DUMP_NAME).write_bytes((output_dir / TOKEN_DUMP_NAME).read_bytes())
+    report = write_report(run)
+    assert report.trainer_state == run / "checkpoint-4" / "trainer_state.json"
+    assert report.html == run / "report" / "tokens.html" and report.token_dump == run / TOKEN_DUMP_NAME
+    assert all(path.parent == run / "report" for path in report.figures.values())
+    assert not (run / "checkpoint-4" / "report").exists()
 
 
 def test_report_without_token_dump_draws_only_the_metrics(demo_run, tmp_path):

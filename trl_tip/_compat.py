@@ -7,12 +7,12 @@ transformers 5.17–5.23 (see `pyproject.toml` for the pins).
 
 from __future__ import annotations
 
+import warnings
+
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
-
-# GKD lives in `trl.experimental.gkd` since TRL 1.0 (top-level before); trl-tip requires TRL >= 1.16.
-from trl.experimental.gkd import GKDConfig, GKDTrainer
+from trl.import_utils import TRLExperimentalWarning
 
 # TRL's chunked divergence kernel (Triton on GPU, torch elsewhere): per-token generalized JSD and entropy.
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
@@ -31,6 +31,13 @@ from trl.trainer.distillation_trainer import DistillationTrainer
 
 # Gathers ZeRO-3 partitioned lm_head weights for a direct read (TRL's helper for fused losses).
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+# GKD lives in `trl.experimental.gkd` since TRL 1.0 (top-level before); trl-tip requires TRL >= 1.16. Importing
+# `trl.experimental` warns once that its APIs are unstable; that concerns trl-tip's pinned use, not the user's code.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=TRLExperimentalWarning)
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 
 __all__ = [

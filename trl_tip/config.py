@@ -292,6 +292,24 @@ class TIPArguments:
             raise ValueError(f"tip_chunk_size must be >= 1, got {self.tip_chunk_size}.")
 
 
+def check_liger_kernel(args) -> None:
+    """Refuses `use_liger_kernel=True`: what it is set for on a distillation trainer cannot apply.
+
+    Liger's gain for distillation is a fused loss that never builds the full logits; trl-tip computes its own loss
+    from the final hidden states, chunked and on the kept tokens only, so that part would be silently dropped. The
+    layer kernels the flag would still patch into the student are available explicitly (see the message).
+    """
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(
+            "use_liger_kernel=True is not supported by trl-tip: its loss is computed from the final hidden states, "
+            "in chunks and on the kept tokens only (never the full logits), so Liger's fused loss has nothing to "
+            "replace and the flag would be ignored for the loss. Leave use_liger_kernel unset. For Liger's layer "
+            "kernels (RMSNorm, RoPE, SwiGLU) on the student, patch its architecture before loading it, e.g. "
+            "liger_kernel.transformers.apply_liger_kernel_to_qwen2(fused_linear_cross_entropy=False); or load it "
+            "with model_init_kwargs={'use_kernels': True} (Hub kernels, TRL's replacement for use_liger_kernel)."
+        )
+
+
 def tip_argument_names() -> list[str]:
     """Names of the fields [`TIPArguments`] adds to a trainer config."""
     return [f.name for f in fields(TIPArguments)]
@@ -305,6 +323,7 @@ class TIPConfig(GKDConfig, TIPArguments):
     """
 
     def __post_init__(self):
+        check_liger_kernel(self)
         super().__post_init__()
         self.validate_tip_arguments()
 
@@ -317,5 +336,6 @@ class TIPDistillationConfig(DistillationConfig, TIPArguments):
     """
 
     def __post_init__(self):
+        check_liger_kernel(self)
         super().__post_init__()
         self.validate_tip_arguments()

@@ -4,7 +4,8 @@ with `TIPTrainer`, and print the Q1–Q4 table of the run. Nothing is downloaded
 from __future__ import annotations
 
 import argparse
-import os
+
+from transformers.trainer_callback import ProgressCallback
 
 from .config import TIPConfig
 from .selection import TOKEN_SELECTIONS
@@ -14,12 +15,23 @@ from .toy import arithmetic_dataset, make_model, make_tokenizer, pretrain
 from .trainers import TIPTrainer
 
 
-__all__ = ["format_quadrant_table", "main", "run_demo"]
+__all__ = ["DEMO_TOKEN_SELECTION", "QuietProgressCallback", "format_quadrant_table", "main", "run_demo"]
+
+# The demo's rule: the TIP paper's type-aware rule, which shows the quadrants at work. `TIPConfig` defaults to
+# `entropy_sample` (the paper's 50% entropy rule), the safer choice for real runs (see docs/quality.md).
+DEMO_TOKEN_SELECTION = "tip"
+
+
+class QuietProgressCallback(ProgressCallback):
+    """`ProgressCallback` that draws the progress bar but does not print the log dicts under it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 def run_demo(
     output_dir: str = "runs/demo",
-    token_selection: str = "tip",
+    token_selection: str = DEMO_TOKEN_SELECTION,
     keep_ratio: float | None = 0.5,
     max_steps: int = 20,
     teacher_steps: int = 300,
@@ -27,12 +39,13 @@ def run_demo(
     seed: int = 0,
     dump_tokens_every: int | None = None,
     dump_completions: int = 4,
+    verbose: bool = True,
 ) -> TIPTrainer:
     """Runs the demo and returns the trainer (its `state.log_history` holds the metrics).
 
     Args:
         output_dir (`str`): Where the run writes its checkpoint, `trainer_state.json` and logs.
-        token_selection (`str`): Selection rule.
+        token_selection (`str`): Selection rule (default `"tip"`; `TIPConfig`'s default is `"entropy_sample"`).
         keep_ratio (`float`, *optional*): Kept share for budgeted rules (ignored for `all` and `quadrants`).
         max_steps (`int`): Distillation steps.
         teacher_steps (`int`): Steps of plain training that make the teacher competent.
@@ -41,13 +54,18 @@ def run_demo(
         dump_tokens_every (`int`, *optional*): Add a [`TokenDumpCallback`] that writes the per-token signals of
             `dump_completions` completions to `output_dir/tip_tokens.jsonl` every that many steps.
         dump_completions (`int`): Completions per dump.
+        verbose (`bool`): Print the Trainer's log dicts under the progress bar (as any `Trainer` does); `False`
+            draws the progress bars only.
     """
     tokenizer = make_tokenizer()
     train = arithmetic_dataset(512, seed=seed)
-    teacher = pretrain(make_model(tokenizer, 128, 4, seed=seed + 1), tokenizer, train, steps=teacher_steps, seed=seed)
+    progress = None if verbose else "pretraining the teacher"
+    teacher = make_model(tokenizer, 128, 4, seed=seed + 1)
+    teacher = pretrain(teacher, tokenizer, train, steps=teacher_steps, seed=seed, progress=progress)
     student = make_model(tokenizer, 64, 2, seed=seed + 2)
     if student_steps > 0:
-        student = pretrain(student, tokenizer, train, steps=student_steps, seed=seed + 1)
+        progress = None if verbose else "pretraining the student"
+        student = pretrain(student, tokenizer, train, steps=student_steps, seed=seed + 1, progress=progress)
     extra = {"quadrants": ["Q3"]} if token_selection == "quadrants" else {}
     if token_selection in ("all", "quadrants"):
         keep_ratio = None
@@ -80,20 +98,38 @@ def run_demo(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if not verbose:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgressCallback())
     trainer.train()
     trainer.save_state()
     return trainer
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="trl-tip demo", description=__doc__)
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--token_selection", default="tip", choices=TOKEN_SELECTIONS)
-    parser.add_argument("--keep_ratio", type=float, default=0.5)
-    parser.add_argument("--max_steps", type=int, default=20)
-    parser.add_argument("--teacher_steps", type=int, default=300)
-    parser.add_argument("--student_steps", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser of `trl-tip demo`."""
+    parser = argparse.ArgumentParser(
+        prog="trl-tip demo",
+        description=__doc__ + " Takes about two minutes on two CPU cores.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--output_dir", default="runs/demo", help="where the checkpoint and trainer_state.json go")
+    parser.add_argument(
+        "--token_selection",
+        default=DEMO_TOKEN_SELECTION,
+        choices=TOKEN_SELECTIONS,
+        help="selection rule; the demo uses tip (the TIP paper's type-aware rule, it shows the quadrants at work), "
+        "while TIPConfig defaults to entropy_sample",
+    )
+    parser.add_argument(
+        "--keep_ratio", type=float, default=0.5, help="share of the tokens kept (not used by all and quadrants)"
+    )
+    parser.add_argument("--max_steps", type=int, default=20, help="distillation steps")
+    parser.add_argument("--teacher_steps", type=int, default=300, help="plain training steps that make the teacher")
+    parser.add_argument(
+        "--student_steps", type=int, default=40, help="plain training steps of the student before distillation"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of models, data, sampling and selection")
     parser.add_argument(
         "--dump_tokens_every",
         type=int,
@@ -102,25 +138,48 @@ def main(argv: list[str] | None = None) -> None:
         "(for `trl-tip report`)",
     )
     parser.add_argument("--dump_completions", type=int, default=4, help="completions per token dump")
-    ns = parser.parse_args(argv)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the Trainer's log dict at every logging step, and third-party notices, as any Trainer run does",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = make_parser().parse_args(argv)
+    if not ns.verbose:
+        from transformers.utils import logging as hf_logging
+
+        from .cli import quiet_third_party_noise
+
+        quiet_third_party_noise()
+        hf_logging.disable_progress_bar()  # the "Writing model shards" bar of each save
+    keep_ratio = None if ns.token_selection in ("all", "quadrants") else ns.keep_ratio
+    print(
+        f"trl-tip demo: a {ns.teacher_steps}-step teacher and a {ns.student_steps}-step student on arithmetic, then "
+        f"{ns.max_steps} distillation steps with token_selection={ns.token_selection}"
+        + (f", keep_ratio={keep_ratio}" if keep_ratio is not None else ""),
+        flush=True,
+    )
     trainer = run_demo(
         ns.output_dir,
         ns.token_selection,
-        ns.keep_ratio,
+        keep_ratio,
         ns.max_steps,
         ns.teacher_steps,
         ns.student_steps,
         ns.seed,
         dump_tokens_every=ns.dump_tokens_every,
         dump_completions=ns.dump_completions,
+        verbose=ns.verbose,
     )
     step_logs = [log for log in trainer.state.log_history if f"{METRIC_PREFIX}/kept_frac" in log]
     print(f"\ntrl-tip demo: token_selection={ns.token_selection}, {len(step_logs)} logging steps")
     print(f"loss: first {step_logs[0]['loss']:.4f} -> last {step_logs[-1]['loss']:.4f}")
     print(f"Q1-Q4 at step {step_logs[-1]['step']}:")
     print(format_quadrant_table(step_logs[-1]))
-    print(f"trainer_state.json and checkpoint in {ns.output_dir}")
+    print(f"trainer_state.json and checkpoint in {ns.output_dir}; `trl-tip report {ns.output_dir}` draws the run")
 
 
 if __name__ == "__main__":

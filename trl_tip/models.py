@@ -156,10 +156,13 @@ def load_causal_lm(
     quantization_config: BitsAndBytesConfig | dict | None = None,
     trust_remote_code: bool = False,
     role: str = "model",
+    default_dtype: str | None = "float32",
 ) -> PreTrainedModel:
     """Loads a causal LM from a hub id or a local directory with `from_pretrained` keyword arguments.
 
-    `dtype` may be a string (`"bfloat16"`, `"float16"`, `"float32"`, `"auto"`; default `"float32"` as in TRL);
+    `dtype` may be a string (`"bfloat16"`, `"float16"`, `"float32"`, `"auto"`) or a `torch.dtype`; without one,
+    `default_dtype` applies: `"float32"` for a student (as TRL's `SFTTrainer` loads it), `"auto"` (the checkpoint's
+    dtype) for a teacher (as `GKDTrainer` loads it, with `from_pretrained`'s default).
     `quantization_config` may be a `BitsAndBytesConfig` or a dict of its arguments (from a YAML recipe). A quantized
     model is placed whole on this process's device (see [`kbit_device_map`]) unless `device_map` is given.
 
@@ -171,6 +174,8 @@ def load_causal_lm(
             `init_kwargs`.
         trust_remote_code (`bool`): Default of `trust_remote_code` when `init_kwargs` does not set it.
         role (`str`): `"student"` or `"teacher"`, for error messages.
+        default_dtype (`str`, *optional*, defaults to `"float32"`): dtype when `init_kwargs` sets none (`None` or
+            `"auto"`: the checkpoint's dtype).
 
     Returns:
         `PreTrainedModel`
@@ -186,12 +191,14 @@ def load_causal_lm(
     kwargs["quantization_config"] = _normalise_quantization(kwargs.get("quantization_config"))
     if kwargs["quantization_config"] is None:
         kwargs.pop("quantization_config")
-    dtype = kwargs.get("dtype", "float32")
-    if isinstance(dtype, str):
+    dtype = kwargs.get("dtype", default_dtype)
+    if dtype is None:
+        kwargs["dtype"] = "auto"
+    elif isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"The {role}'s dtype={dtype!r} is not allowed; use one of {', '.join(DTYPES)}.")
         kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
-    elif dtype is not None and not isinstance(dtype, torch.dtype):
+    elif not isinstance(dtype, torch.dtype):
         raise TypeError(f"The {role}'s dtype must be a torch.dtype or a string, got {type(dtype).__name__}.")
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     if "device_map" not in kwargs:
@@ -310,6 +317,7 @@ def load_student_and_teacher(
             teacher_quantization_config,
             args.trust_remote_code,
             role="teacher",
+            default_dtype="auto",  # GKDTrainer loads a teacher given by id with `from_pretrained`'s default dtype
         )
     elif teacher_quantization_config is not None or args.teacher_model_init_kwargs is not None:
         raise ValueError(

@@ -506,7 +506,8 @@ def write_report(
 
     Args:
         run_dir (`str` or `Path`): The run's output directory, a `checkpoint-N` folder or a `trainer_state.json`.
-        output_dir (`str` or `Path`, *optional*): Where to write; defaults to `report/` next to `trainer_state.json`.
+        output_dir (`str` or `Path`, *optional*): Where to write; defaults to `run_dir/report` (for a
+            `trainer_state.json` file, `report/` next to it).
         token_dump (`str` or `Path`, *optional*): A `tip_tokens.jsonl`; by default the run's own, if it has one.
         html_steps (`int`, *optional*, defaults to `5`): Dumped steps shown in the HTML page.
         map_panels (`int`, *optional*, defaults to `3`): Dumped steps drawn in the TIP map.
@@ -520,7 +521,10 @@ def write_report(
     """
     run_path = Path(run_dir)
     history, state_path = load_tip_history(run_path)
-    out = Path(output_dir) if output_dir is not None else state_path.parent / "report"
+    if output_dir is not None:
+        out = Path(output_dir)
+    else:  # next to what the user named: a run's folder, not the checkpoint inside it whose state was read
+        out = (run_path if run_path.is_dir() else state_path.parent) / "report"
     out.mkdir(parents=True, exist_ok=True)
     report = TIPReport(trainer_state=state_path, table=_summary_table(history))
     report.figures["quadrant_share"] = plot_quadrant_share(history, out / FIGURES["quadrant_share"])

@@ -11,13 +11,15 @@ import string
 
 import torch
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tqdm.auto import trange
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 
 __all__ = ["arithmetic_dataset", "make_model", "make_tokenizer", "pretrain"]
 
 SPECIAL_TOKENS = ["<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+BYTE_LEVEL_SPACE = "\u0120"  # "Ġ": the byte-level alphabet's name for the space byte
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -25,11 +27,20 @@ CHAT_TEMPLATE = (
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over digits, letters and punctuation, with a chat template and a pad token."""
-    chars = list(string.digits + string.ascii_letters + string.punctuation + " ")
+    """A character-level tokenizer over digits, letters and punctuation, with a chat template and a pad token.
+
+    It is byte-level in Qwen2's layout (a space is the token `Ġ`, no merges, so every character is one token;
+    characters outside the alphabet are dropped, as a Qwen2 tokenizer drops bytes missing from its vocabulary), so
+    that `save_pretrained` + `AutoTokenizer.from_pretrained` round-trips next to a model from [`make_model`]:
+    transformers rebuilds the tokenizer of a Qwen2 checkpoint as a `Qwen2Tokenizer` from its vocabulary, whatever
+    class saved it.
+    """
+    chars = list(string.digits + string.ascii_letters + string.punctuation) + [BYTE_LEVEL_SPACE]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -95,8 +106,12 @@ def pretrain(
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    progress: str | None = None,
 ) -> Qwen2ForCausalLM:
     """Plain next-token training on the answers of `dataset` (used to make a teacher that knows the task).
+
+    Args:
+        progress (`str`, *optional*): Draw a progress bar with this description.
 
     Returns:
         The same `model`, trained, in eval mode.
@@ -110,7 +125,7 @@ def pretrain(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     rng = random.Random(seed)
-    for _ in range(steps):
+    for _ in trange(steps, desc=progress, disable=progress is None, dynamic_ncols=True):
         idx = rng.sample(range(len(texts)), min(batch_size, len(texts)))
         batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         labels = batch["input_ids"].clone()

@@ -127,11 +127,10 @@ def accuracy(model, tokenizer, test, max_new_tokens: int, batch_size: int = 512,
 
 
 def decode(tokenizer, ids: list[int]) -> str:
-    """Characters of a completion up to its first end token (the char tokenizer's `decode` adds spaces)."""
+    """The text of a completion up to its first end token."""
     if tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id)]
-    special = set(tokenizer.all_special_ids)
-    return "".join(tokenizer.convert_ids_to_tokens([i for i in ids if i not in special]))
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def sft(
