@@ -81,8 +81,11 @@ def row_keys(seed: int, step: int, process: int, rows: torch.Tensor) -> torch.Te
 
 
 def gumbel_from_hash(hashed: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise from 32-bit hashes: `-log(-log(u))`, `u` on the 2**24 grid strictly inside (0, 1)."""
-    u = ((hashed >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    """Standard Gumbel noise from 32-bit hashes: `-log(-log(u))`, `u` on the 2**-23 grid strictly inside (0, 1).
+
+    23 bits: `(k + 0.5) / 2**23` is exact in float32 up to `1 - 2**-24` (a 24-bit grid would round its top to 1).
+    """
+    u = ((hashed >> 9).to(torch.float32) + 0.5) * (2.0**-23)
     return -torch.log(-torch.log(u))
 
 
@@ -314,6 +317,15 @@ class StepGenerator:
             use_cache=True,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
+            # The sampler applies the sampling flags itself. Greedy decoding ignores them, but values left unset would
+            # be filled in from the model's generation config and reported as "not valid" at every call; these are
+            # the values transformers does not report (its defaults).
+            temperature=1.0,
+            top_k=50,
+            top_p=1.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
         )
         if self.compile_config is not None:
             kwargs["compile_config"] = self.compile_config
