@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,8 @@ from transformers.generation import (
 )
 from transformers.utils import logging
 
+from ._compat import unwrap_model_for_generation
+
 
 __all__ = [
     "GumbelSampler",
@@ -55,6 +58,7 @@ __all__ = [
     "rollout_tensors",
     "row_keys",
     "sampling_warpers",
+    "unwrap_for_generation",
 ]
 
 logger = logging.get_logger(__name__)
@@ -241,6 +245,34 @@ def fast_generation_problem(model: nn.Module, device: torch.device) -> str | Non
         if device_map and ({"cpu", "disk"} & {str(d) for d in device_map.values()}):
             return "the model is offloaded to CPU or disk (device_map), which transformers does not compile"
     return None
+
+
+def _hook_names(hooks) -> list[str]:
+    return [getattr(hook, "__qualname__", repr(hook)) for hook in hooks.values()]
+
+
+@contextmanager
+def unwrap_for_generation(model: nn.Module, accelerator, **kwargs) -> Iterator[nn.Module]:
+    """TRL's `unwrap_model_for_generation` (gradient checkpointing off inside), without its hook leak.
+
+    Re-enabling gradient checkpointing makes transformers register another forward hook on the input embeddings
+    (`enable_input_require_grads`), which disabling it does not remove for a model without transformers-integrated
+    PEFT: one more hook per generation, all doing the same thing. Besides the slow growth, a compiled decode step
+    guards on the hook count and would recompile at every step (and fall back to eager after dynamo's limit). The
+    duplicates added here are removed on exit; every hook present before stays.
+    """
+    embeddings = [m for m in accelerator.unwrap_model(model).modules() if isinstance(m, nn.Embedding)]
+    before = [(m, set(m._forward_hooks)) for m in embeddings]
+    with unwrap_model_for_generation(model, accelerator, **kwargs) as unwrapped:
+        yield unwrapped
+    for module, keys in before:
+        hooks = module._forward_hooks
+        # Only a hook that duplicates one still registered from before goes (a model whose disabling did remove its
+        # hook keeps the new one).
+        kept = set(_hook_names({k: h for k, h in hooks.items() if k in keys}))
+        for key in [k for k in hooks if k not in keys]:
+            if _hook_names({key: hooks[key]})[0] in kept:
+                del hooks[key]
 
 
 class StepGenerator:

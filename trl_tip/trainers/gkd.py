@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from transformers.utils import logging
 
-from .._compat import ForwardRedirection, GKDTrainer, unwrap_model_for_generation
+from .._compat import ForwardRedirection, GKDTrainer
 from ..config import TIPConfig
-from ..generation import StepGenerator, fast_generation_problem
+from ..generation import StepGenerator, fast_generation_problem, unwrap_for_generation
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student
@@ -212,7 +212,7 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
         for indices, model, kwargs in groups:
             if not indices:
                 continue
-            with unwrap_model_for_generation(
+            with unwrap_for_generation(
                 model, self.accelerator, generation_kwargs=self.generation_kwargs, **kwargs
             ) as unwrapped_model:
                 rollouts = self.tip_generator.generate(
