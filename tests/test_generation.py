@@ -400,22 +400,23 @@ def test_trainer_draws_like_gkd_one_per_micro_batch(tmp_path, student, teacher, 
             assert regenerated == (drawn or seq_kd)
 
 
-def test_gradient_checkpointing_is_off_during_generation(tmp_path, student, teacher, tokenizer, dataset):
+def test_generation_mode_checkpointing_off_and_no_hook_leak(tmp_path, student, teacher, tokenizer, dataset):
     trainer = _trainer(tmp_path, student, teacher, tokenizer, dataset, gradient_checkpointing=True, max_steps=4)
     seen = []
     generate = student.generate
     hooks = student.get_input_embeddings()._forward_hooks
 
     def recording(*args, **kwargs):
-        seen.append((student.is_gradient_checkpointing, len(hooks)))
+        seen.append((student.is_gradient_checkpointing, len(hooks), student.training))
         return generate(*args, **kwargs)
 
     student.generate = recording
+    student.eval()  # as from_pretrained returns it: the first generation still samples in training mode
     trainer.train()
     # Re-enabling checkpointing after each generation registers another input-embedding hook that disabling does not
     # remove (transformers); TIPTrainer drops the duplicates, so the count stays put (a compiled decode step guards
     # on it) and the hook that makes the inputs require grad remains.
-    assert seen == [(False, 1)] * 4
+    assert seen == [(False, 1, True)] * 4
     assert student.is_gradient_checkpointing and len(hooks) == 1
 
 

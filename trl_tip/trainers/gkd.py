@@ -215,13 +215,21 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
             with unwrap_for_generation(
                 model, self.accelerator, generation_kwargs=self.generation_kwargs, **kwargs
             ) as unwrapped_model:
-                rollouts = self.tip_generator.generate(
-                    unwrapped_model,
-                    prompts=[batches[i]["prompts"] for i in indices],
-                    prompt_masks=[batches[i]["prompt_attention_mask"] for i in indices],
-                    row_ids=[row_ids[i] for i in indices],
-                    step=self.state.global_step,
-                )
+                # The student samples in training mode, as GKD's does from its second micro-batch on (`Trainer` sets
+                # it in `training_step`), also at the first step and after an evaluation: one mode, one compiled graph.
+                was_training = unwrapped_model.training
+                if model is self.model_wrapped:
+                    unwrapped_model.train()
+                try:
+                    rollouts = self.tip_generator.generate(
+                        unwrapped_model,
+                        prompts=[batches[i]["prompts"] for i in indices],
+                        prompt_masks=[batches[i]["prompt_attention_mask"] for i in indices],
+                        row_ids=[row_ids[i] for i in indices],
+                        step=self.state.global_step,
+                    )
+                finally:
+                    unwrapped_model.train(was_training)
             for i, rollout in zip(indices, rollouts, strict=True):
                 batches[i]["input_ids"] = rollout.input_ids
                 batches[i]["attention_mask"] = rollout.attention_mask
