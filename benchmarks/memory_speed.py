@@ -67,7 +67,10 @@ from trl_tip._compat import DistillationConfig, DistillationTrainer, GKDConfig, 
 from trl_tip.selection import TOKEN_SELECTIONS  # noqa: E402
 
 
-LOSS_RULES = "gkd,dist,all,entropy_topk:0.5,entropy_sample:0.5,quadrants:Q3,tip:0.2,sstoken:0.6,dist/all,dist/tip:0.2"
+LOSS_RULES = (
+    "gkd,dist,all,entropy_topk:0.5,entropy_sample:0.5,quadrants:Q3,tip:0.2,sstoken:0.6,"
+    "dist/all,dist/entropy_topk:0.5,dist/entropy_sample:0.5,dist/tip:0.2"
+)
 GENERATION_RULES = "dist,gkd,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
 GIB = 2**30
 # Row prefix -> (trainer, label prefix).
