@@ -130,6 +130,7 @@ class Result:
     graphs_warmup: int = 0
     graphs_timed: int = 0
     graph_breaks: int = 0
+    prefix_match: float = float("nan")
     note: str = ""
 
 
@@ -478,8 +479,11 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
     return trainer
 
 
-def one_step(trainer, rule: Rule, micro_batches: list[dict], ns) -> int:
-    """One optimizer step as `Trainer.train` runs it; returns the completion tokens trained on."""
+def one_step(trainer, rule: Rule, micro_batches: list[dict], ns, capture: list | None = None) -> int:
+    """One optimizer step as `Trainer.train` runs it; returns the completion tokens trained on.
+
+    With `capture`, a TIPTrainer row appends each micro-batch's `(prompt width, generated ids)` (on the CPU).
+    """
     model = trainer.model_wrapped
     model.train()
     trained = 0
@@ -507,13 +511,31 @@ def one_step(trainer, rule: Rule, micro_batches: list[dict], ns) -> int:
             trained += int((b["labels"][:, 1:] != -100).sum())  # GKD replaces the dict's tensors when it generates
     else:
         inputs = [{k: v.clone() for k, v in m["gkd"].items()} for m in micro_batches]
+        widths = [b["prompts"].size(1) for b in inputs]
         samples, count = trainer.get_batch_samples(iter(inputs), len(inputs), trainer.accelerator.device)
+        if capture is not None:
+            capture.extend((w, s["input_ids"].cpu()) for w, s in zip(widths, samples, strict=True))
         for s in samples:
             trainer.training_step(model, s, count)
             trained += int((s["labels"][:, 1:] != -100).sum())
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     return trained
+
+
+# The first step's rollouts of TIPTrainer rows, by (shape, grad_accum, rule options, fast path).
+FIRST_ROLLOUTS: dict[tuple, list] = {}
+
+
+def matching_prefix(a: list, b: list) -> float:
+    """Mean over rows of the number of leading completion tokens two first-step rollouts share."""
+    lengths = []
+    for (width, x), (_, y) in zip(a, b, strict=True):
+        x, y = x[:, width:], y[:, width:]
+        n = min(x.size(1), y.size(1))
+        same = (x[:, :n] == y[:, :n]).int()
+        lengths.extend(same.cumprod(1).sum(1).tolist())
+    return statistics.mean(lengths)
 
 
 def release_compiled(*models) -> None:
@@ -543,10 +565,11 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
             graphs0, breaks0 = dynamo_counts()
             step = 0
             warmup, steps = (ns.gkd_warmup, ns.gkd_steps) if rule.trainer == "gkd" else (ns.warmup, ns.steps)
+            first: list | None = [] if ns.generation and rule.trainer in ("tip", "tip-fast") else None
             for _ in range(warmup):
                 sync(device)
                 start = time.perf_counter()
-                one_step(trainer, rule, make_step(ns, step, b, t, device), ns)
+                one_step(trainer, rule, make_step(ns, step, b, t, device), ns, first if step == 0 else None)
                 sync(device)
                 result.warmup_times.append(time.perf_counter() - start)
                 step += 1
@@ -564,7 +587,7 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
                 data = make_step(ns, step, b, t, device)
                 sync(device)
                 start = time.perf_counter()
-                tokens.append(one_step(trainer, rule, data, ns))
+                tokens.append(one_step(trainer, rule, data, ns, first if step == 0 else None))
                 sync(device)
                 times.append(time.perf_counter() - start)
                 step += 1
@@ -595,6 +618,15 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
                     result.bandwidth_frac = weight_bytes(student) / per_forward / (ns.peak_bandwidth * 1e9)
             if selection:
                 result.selection_s = statistics.median(selection)
+            if first:
+                # The fast path samples the same rows with the same noise as the default path: their first-step
+                # rollouts agree until the forwards' rounding (other kernels, bf16) flips a near-tie; a broken
+                # decode would disagree from the first tokens.
+                key = (shape, ns.grad_accum, tuple(sorted(rule.config.items(), key=str)))
+                FIRST_ROLLOUTS[(*key, rule.trainer)] = first
+                other = FIRST_ROLLOUTS.get((*key, "tip" if rule.trainer == "tip-fast" else "tip-fast"))
+                if other is not None:
+                    result.prefix_match = matching_prefix(first, other)
             if rule.is_tip:
                 with contextlib.suppress(Exception):
                     stats = trainer.tip_statistics.compute(None, num_steps=1)
@@ -605,6 +637,12 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
         oom = True
         result.status = "OOM"
         result.note = str(exc).split("\n")[0][:200]
+    except Exception as exc:  # keep going: report the failure, measure the other rows
+        import traceback
+
+        result.status = "error"
+        result.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        print(f"  {rule.label} {shape}: FAILED\n" + "".join(traceback.format_exc().splitlines(True)[-25:]), flush=True)
     finally:
         if timer:
             timer.restore()
@@ -849,7 +887,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 f"  {r.rule:<30} {r.shape:>10} GA={r.grad_accum} {r.status:>4} peak={fmt(r.peak_gib, '.2f')} GiB "
                 f"step={fmt(r.step_s, '.3f')} s {gen}tok/s={fmt(r.tokens_per_s, ',.0f')} "
                 f"sel={fmt(r.selection_s, '.4f')} s kept={fmt(r.kept_frac, '.2f')} graphs={r.graphs_warmup}+"
-                f"{r.graphs_timed} breaks={r.graph_breaks} times={[round(x, 3) for x in r.step_times]}",
+                f"{r.graphs_timed} breaks={r.graph_breaks} times={[round(x, 3) for x in r.step_times]}"
+                + (f" prefix_match={r.prefix_match:.1f}" if not math.isnan(r.prefix_match) else "")
+                + (f" note={r.note}" if r.note else ""),
                 flush=True,
             )
             if ns.json:  # after every row: a run cut short still leaves what it measured
@@ -865,6 +905,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
             "graphs built during the timed steps (0: no recompilation)."
         )
         print(generation_table(results))
+        for r in results:
+            if not math.isnan(r.prefix_match):
+                print(
+                    f"{r.rule} ({r.shape}, GA {r.grad_accum}): first-step rollouts share on average "
+                    f"{r.prefix_match:.1f} of {ns.max_new_tokens} leading tokens with the other TIPTrainer path's "
+                    "(same rows, same noise; they part where the two forwards round a near-tie differently)."
+                )
     else:
         print("Ratios against GKDTrainer (× GKD) and TRL DistillationTrainer (× Dist), same shape.")
         print(loss_table(results))

@@ -51,5 +51,7 @@ def test_memory_speed_tiny_cpu_generation(capsys):
     assert gkd.decode_forwards == 16 and default.decode_forwards == fast.decode_forwards == 8
     # The fast path compiles during the warm-up and not again, although prompt lengths vary from step to step.
     assert fast.graphs_warmup >= 1 and fast.graphs_timed == 0
+    # Same rows, same noise: on the CPU (float32) the fast path's first rollouts equal the default path's.
+    assert fast.prefix_match == 8 and "share on average 8.0 of 8 leading tokens" in out
     assert "profile TIP fast entropy_sample 50%" in out and "generation" in out.split("profile TIP fast")[1]
     assert "| 2x(16+8) | 2 | TIP fast entropy_sample 50% |" in out
