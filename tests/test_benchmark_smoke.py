@@ -36,7 +36,7 @@ def test_memory_speed_tiny_cpu(capsys):
 def test_memory_speed_tiny_cpu_generation(capsys):
     bench = _load()
     rules = "gkd,dist,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
-    argv = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--grad-accum", "2", "--generation"]
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--grad-accum", "2", "--generation"]
     results = bench.main([*argv, "--rules", rules, "--profile", "--profile-rules", "TIP fast entropy_sample 50%"])
     out = capsys.readouterr().out
     assert [r.status for r in results] == ["ok"] * 5
