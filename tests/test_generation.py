@@ -277,6 +277,27 @@ def test_static_cache_and_compiled_decode_match_and_compile_once(tokenizer, gene
     assert fast.num_cache_builds == 1
 
 
+def test_compiled_static_decode_with_a_lora_student(tokenizer, generation_model):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        copy.deepcopy(generation_model),
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():  # non-zero adapters, so that they change the samples
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    prompts, masks, rows = _micro_batches(tokenizer)
+    config = _gkd_config(tokenizer)
+    reference = StepGenerator(config, seed=0).generate(model, prompts, masks, rows, step=3)
+    base = StepGenerator(config, seed=0).generate(generation_model, prompts, masks, rows, step=3)
+    assert not all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(reference, base, strict=True))
+    compile_config = CompileConfig(backend="eager", fullgraph=False, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True  # private transformers flag: compile on CPU (tests only)
+    fast = StepGenerator(config, seed=0, batch_size=4, static_cache=True, compile_config=compile_config)
+    _assert_same(fast.generate(model, prompts, masks, rows, step=3), reference)
+
+
 def test_step_generator_refuses_bad_settings(tokenizer):
     config = _gkd_config(tokenizer)
     with pytest.raises(ValueError, match="batch_size"):
