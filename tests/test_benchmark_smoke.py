@@ -2,6 +2,7 @@
 DistillationTrainer, TIPTrainer default and fast paths, TIPDistillationTrainer), and skips rules it does not know."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -33,11 +34,12 @@ def test_memory_speed_tiny_cpu(capsys):
     assert "| 2x64 | TIPDist all |" in tables[1] and "TIP tip 20%" not in tables[1]
 
 
-def test_memory_speed_tiny_cpu_generation(capsys):
+def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     bench = _load()
     rules = "gkd,dist,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--grad-accum", "2", "--generation"]
-    results = bench.main([*argv, "--rules", rules, "--profile", "--profile-rules", "TIP fast entropy_sample 50%"])
+    profile = ["--profile", "--profile-rules", "TIP fast entropy_sample 50%", "--profile-dir", str(tmp_path)]
+    results = bench.main([*argv, "--rules", rules, *profile, "--json", str(tmp_path / "e2e.json")])
     out = capsys.readouterr().out
     assert [r.status for r in results] == ["ok"] * 5
     assert [r.trainer for r in results] == ["gkd", "dist", "tip", "tip-fast", "tip-dist"]
@@ -55,3 +57,6 @@ def test_memory_speed_tiny_cpu_generation(capsys):
     assert fast.prefix_match == 8 and "share on average 8.0 of 8 leading tokens" in out
     assert "profile TIP fast entropy_sample 50%" in out and "generation" in out.split("profile TIP fast")[1]
     assert "| 2x(16+8) | 2 | TIP fast entropy_sample 50% |" in out
+    assert len(list(tmp_path.glob("profile_TIP_fast_*.txt"))) == 1
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert [r["rule"] for r in saved["results"]] == [r.rule for r in results]
