@@ -1,29 +1,41 @@
-"""Peak GPU memory and step time of `TIPTrainer`'s selection rules against TRL's `GKDTrainer`.
+"""Peak GPU memory and step time of trl-tip's trainers against TRL's `GKDTrainer` and `DistillationTrainer`.
 
-One process, one device. For every rule it builds the trainer around the same student and teacher (random weights,
-restored to the same initial values for each rule), then times the training step exactly as `Trainer.train` runs it
-(`training_step`: forward, loss, backward; then the optimizer step) on a fixed batch of random token ids whose first
-`--prompt` tokens are prompt (labels -100):
+One process, one device, the same student and teacher for every row (random weights; the student's are restored to
+the same initial values for each row). A row is a trainer (and, for trl-tip, a selection rule); each optimizer step
+runs `--grad-accum` micro-batches of `B` sequences exactly as `Trainer.train` runs them, then `optimizer.step()`.
 
-* without generation: `lmbda=0`, `seq_kd=False`, so the batch is trained on as it is;
-* with generation (`--generation`): `lmbda=1`, the student samples `--max-new-tokens` tokens after the prompt at
-  every step (GKD inside `training_step`, TIPTrainer in `get_batch_samples`), and the step trains on
-  prompt + sampled completion.
+* **Loss step** (default): no generation. Every micro-batch is `B x T` random token ids whose first `--prompt`
+  tokens are prompt: GKD's format (`lmbda=0`, `seq_kd=False`) for `GKDTrainer` and `TIPTrainer`, prompt/completion
+  tensors for `DistillationTrainer` and `TIPDistillationTrainer` (their generation bypassed).
+* **End to end** (`--generation`): every step samples `--max-new-tokens` tokens after prompts of up to `--prompt`
+  tokens (lengths vary by up to `--prompt-jitter` from row to row and step to step, left-padded), then trains on them:
+  GKD inside `training_step`, one micro-batch at a time; `TIPTrainer` in `get_batch_samples`, all micro-batches at
+  once (default path: dynamic KV cache; `fast/` rows: `fast_generation=True`, a static cache and a compiled decode
+  step); `DistillationTrainer` and `TIPDistillationTrainer` with TRL's transformers generation (buffered once per
+  optimizer step, dynamic cache, no compilation).
 
-It reports the peak of `torch.cuda.max_memory_allocated` over the timed steps (weights, gradients and optimizer
-state included), the median step time over `--steps` steps after `--warmup` steps, the completion tokens trained per
-second, the ratios to `GKDTrainer`, and, for TIPTrainer, the median time of the selection overhead (signals,
-thresholds and selection, timed with CUDA events inside the step) as a share of the step. It prints a markdown table
-last and can write every number as JSON (`--json`).
-
-    python benchmarks/memory_speed.py                      # 4x2048, every rule, no generation
-    python benchmarks/memory_speed.py --shapes 8x4096      # the large case
-    python benchmarks/memory_speed.py --generation --max-new-tokens 128
-    python benchmarks/memory_speed.py --tiny               # seconds on a CPU: a smoke test of the harness
-
-Rules are given as `name[:value]`: `gkd` (TRL's GKDTrainer), `all`, `entropy_topk:0.5`, `entropy_sample:0.5`,
-`quadrants:Q3`, `tip:0.2`, `sstoken:0.6`, ... (the value is `keep_ratio`, or the quadrants for `quadrants`). A rule
+Rows (`--rules`, comma-separated): `gkd` (TRL GKDTrainer), `dist` (TRL DistillationTrainer), a trl-tip rule
+`name[:value]` (TIPTrainer; the value is `keep_ratio`, or the quadrants for `quadrants`, e.g. `quadrants:Q3+Q1`),
+`fast/name[:value]` (TIPTrainer with `fast_generation=True`) and `dist/name[:value]` (TIPDistillationTrainer). A rule
 the installed trl_tip does not know is skipped with a printed note.
+
+Reported per row: peak `torch.cuda.max_memory_allocated` over the timed steps (weights, gradients, optimizer state,
+KV caches), the median step time over `--steps` steps after `--warmup` steps (the first warm-up step, which holds
+the compilation of the fast path, is reported separately), completion tokens trained per second, every ratio against
+`GKDTrainer` and against `DistillationTrainer` (same shape), and for trl-tip rows the selection overhead (signals,
+thresholds and selection, timed with CUDA events inside the step) as a share of the step. With `--generation` also:
+the generation time per step (the student's `generate` calls, synchronised) and the rest of the step (the loss
+step), milliseconds per decode forward, the achieved fraction of the decode bandwidth limit (student weight bytes x
+decode forwards / generation time / `--peak-bandwidth`, the H100 SXM's 3,350 GB/s by default: give your device's),
+and the `torch.compile` graphs built during the timed steps (0 means no recompilation). `--profile` times the phases
+of one more step (generation, loss forward, backward, optimizer) and lists the top CUDA kernels.
+
+Progress lines are printed as rows finish; the tables come last.
+
+    python benchmarks/memory_speed.py                      # 4x2048, loss step, GKD/Distillation/TIP/TIPDistillation
+    python benchmarks/memory_speed.py --shapes 8x4096      # the large case
+    python benchmarks/memory_speed.py --generation --shapes 8x640 --prompt 128 --max-new-tokens 512 --grad-accum 4
+    python benchmarks/memory_speed.py --tiny               # seconds on a CPU: a smoke test of the harness
 """
 
 from __future__ import annotations
@@ -51,12 +63,19 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import trl_tip  # noqa: E402
 import trl_tip.engine as tip_engine_module  # noqa: E402
 from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
-from trl_tip._compat import GKDConfig, GKDTrainer  # noqa: E402
+from trl_tip._compat import DistillationConfig, DistillationTrainer, GKDConfig, GKDTrainer  # noqa: E402
 from trl_tip.selection import TOKEN_SELECTIONS  # noqa: E402
 
 
-DEFAULT_RULES = "gkd,all,entropy_topk:0.5,entropy_sample:0.5,quadrants:Q3,tip:0.2,sstoken:0.6"
+LOSS_RULES = (
+    "gkd,dist,all,entropy_topk:0.5,entropy_sample:0.5,quadrants:Q3,tip:0.2,sstoken:0.6,"
+    "dist/all,dist/entropy_topk:0.5,dist/entropy_sample:0.5,dist/tip:0.2"
+)
+GENERATION_RULES = "dist,gkd,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
 GIB = 2**30
+# Row prefix -> (trainer, label prefix).
+ROW_PREFIXES = {"": ("tip", "TIP"), "fast": ("tip-fast", "TIP fast"), "dist": ("tip-dist", "TIPDist")}
+H100_BANDWIDTH_GBS = 3350.0  # H100 SXM5 80GB HBM3 peak memory bandwidth
 
 # Qwen2.5-0.5B and Qwen2.5-1.5B shapes (config.json of the released models), random weights.
 QWEN_SHAPES = {
@@ -71,42 +90,65 @@ TINY_SHAPES = {
 
 @dataclass
 class Rule:
-    """One row of the benchmark: TRL's GKDTrainer or a TIPTrainer selection rule."""
+    """One row: a TRL trainer (`gkd`, `dist`) or a trl-tip trainer with a selection rule."""
 
-    name: str
+    trainer: str  # "gkd", "dist", "tip", "tip-fast" or "tip-dist"
     label: str
     config: dict = field(default_factory=dict)
 
     @property
-    def is_gkd(self) -> bool:
-        return self.name == "gkd"
+    def is_tip(self) -> bool:
+        return self.trainer.startswith("tip")
+
+    @property
+    def distillation_format(self) -> bool:
+        return self.trainer in ("dist", "tip-dist")
 
 
 @dataclass
 class Result:
     rule: str
+    trainer: str
     shape: str
     generation: bool
+    grad_accum: int
     status: str = "ok"
     peak_gib: float = float("nan")
     static_gib: float = float("nan")
     step_s: float = float("nan")
     step_times: list = field(default_factory=list)
+    warmup_times: list = field(default_factory=list)
+    generation_s: float = float("nan")
+    loss_s: float = float("nan")
+    decode_forwards: float = float("nan")
+    ms_per_forward: float = float("nan")
+    bandwidth_frac: float = float("nan")
     tokens_per_step: float = float("nan")
     tokens_per_s: float = float("nan")
     selection_s: float = float("nan")
     kept_frac: float = float("nan")
+    graphs_warmup: int = 0
+    graphs_timed: int = 0
+    graph_breaks: int = 0
+    prefix_match: float = float("nan")
     note: str = ""
 
 
 def parse_rules(spec: str) -> list[Rule]:
-    """Parses `gkd,all,entropy_topk:0.5,quadrants:Q3+Q1,...` into rules; unknown TIP rules are dropped with a note."""
+    """Parses `gkd,dist,all,fast/entropy_sample:0.5,dist/tip:0.2,...`; unknown trl-tip rules are dropped, noted."""
     rules = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        name, _, value = item.partition(":")
-        if name == "gkd":
-            rules.append(Rule("gkd", "GKDTrainer (all tokens)"))
+        if item == "gkd":
+            rules.append(Rule("gkd", "GKDTrainer"))
             continue
+        if item == "dist":
+            rules.append(Rule("dist", "DistillationTrainer"))
+            continue
+        prefix, _, rule = item.rpartition("/")
+        if prefix not in ROW_PREFIXES:
+            raise ValueError(f"Unknown row prefix {prefix!r} in {item!r}: use fast/ or dist/ (or none).")
+        trainer, label_prefix = ROW_PREFIXES[prefix]
+        name, _, value = rule.partition(":")
         if name not in TOKEN_SELECTIONS:
             print(
                 f"note: token_selection={name!r} is not known to the installed trl_tip "
@@ -117,13 +159,13 @@ def parse_rules(spec: str) -> list[Rule]:
         config = {"token_selection": name}
         if name == "quadrants":
             config["quadrants"] = (value or "Q3").split("+")
-            label = f"TIP quadrants {'+'.join(config['quadrants'])}"
+            label = f"{label_prefix} quadrants {'+'.join(config['quadrants'])}"
         elif value:
             config["keep_ratio"] = float(value)
-            label = f"TIP {name} {float(value):.0%}"
+            label = f"{label_prefix} {name} {float(value):.0%}"
         else:
-            label = f"TIP {name}"
-        rules.append(Rule(name, label, config))
+            label = f"{label_prefix} {name}"
+        rules.append(Rule(trainer, label, config))
     return rules
 
 
@@ -159,24 +201,89 @@ def make_model(size: str, vocab_size: int, tiny: bool, device: torch.device, dty
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
-    # Random ids never meet an end-of-sequence token: every sampled completion is `max_new_tokens` long.
+    # GKD and TIP stop only at max_new_tokens (no EOS id); TRL's DistillationTrainer adds the tokenizer's EOS (id 1),
+    # which random weights sample with probability ~1/V per token: its token counts are measured, not assumed.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
 
 
-def make_batch(batch: int, seq: int, prompt: int, vocab: int, device: torch.device, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, vocab, (batch, seq), generator=g)
-    labels = input_ids.clone()
-    labels[:, :prompt] = -100
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "labels": labels.to(device),
-        "prompts": input_ids[:, :prompt].to(device),
-        "prompt_attention_mask": torch.ones(batch, prompt, dtype=torch.long, device=device),
-    }
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's distinct parameter storages (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+# ------------------------------------------------------------------ data
+
+
+def prompt_lengths(ns, step: int, micro: int, rows: int) -> list[int]:
+    """Prompt lengths of one micro-batch: up to `--prompt-jitter` shorter than `--prompt`, varying by row and step."""
+    jitter = ns.prompt_jitter
+    return [ns.prompt - ((r * 7 + step * 13 + micro * 5) % (jitter + 1)) for r in range(rows)]
+
+
+def make_step(ns, step: int, batch: int, seq: int, device: torch.device) -> list[dict]:
+    """The `--grad-accum` micro-batches of step `step`, in both formats (GKD's and the distillation trainers')."""
+    micro_batches = []
+    for micro in range(ns.grad_accum):
+        g = torch.Generator().manual_seed(ns.seed * 1_000_003 + step * 101 + micro)
+        if ns.generation:
+            lengths = prompt_lengths(ns, step, micro, batch)
+            width = max(lengths)
+            prompts = torch.zeros(batch, width, dtype=torch.long)
+            mask = torch.zeros(batch, width, dtype=torch.long)
+            rows = []
+            for r, n in enumerate(lengths):
+                ids = torch.randint(2, ns.vocab, (n,), generator=g)
+                prompts[r, width - n :], mask[r, width - n :] = ids, 1
+                rows.append({"prompt": ids.tolist()})
+            gkd = {
+                "input_ids": prompts,
+                "attention_mask": mask,
+                "labels": torch.full_like(prompts, -100),
+                "prompts": prompts,
+                "prompt_attention_mask": mask,
+            }
+            micro_batches.append({"gkd": {k: v.to(device) for k, v in gkd.items()}, "dist": rows})
+            continue
+        input_ids = torch.randint(2, ns.vocab, (batch, seq), generator=g)
+        labels = input_ids.clone()
+        labels[:, : ns.prompt] = -100
+        ones = torch.ones_like(input_ids)
+        gkd = {
+            "input_ids": input_ids,
+            "attention_mask": ones,
+            "labels": labels,
+            "prompts": input_ids[:, : ns.prompt],
+            "prompt_attention_mask": ones[:, : ns.prompt],
+        }
+        dist = {
+            "prompt_ids": input_ids[:, : ns.prompt],
+            "prompt_mask": ones[:, : ns.prompt],
+            "completion_ids": input_ids[:, ns.prompt :],
+            "completion_mask": ones[:, ns.prompt :],
+        }
+        micro_batches.append(
+            {"gkd": {k: v.to(device) for k, v in gkd.items()}, "dist": {k: v.to(device) for k, v in dist.items()}}
+        )
+    if not ns.generation:
+        total = sum(int(m["dist"]["completion_mask"].sum()) for m in micro_batches)
+        for m in micro_batches:
+            m["dist"]["num_items_in_batch"] = torch.tensor(total, device=device)
+    return micro_batches
+
+
+# ------------------------------------------------------------------ timers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class SelectionTimer:
@@ -223,16 +330,66 @@ class SelectionTimer:
                 setattr(owner, name, original)
 
 
-def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, output_dir: str):
-    common = dict(
+class PhaseTimer:
+    """Wall time of wrapped callables, synchronised before and after each call (instance attributes, restorable)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self.forwards = 0
+        self._patched = []
+
+    def wrap(self, owner, attr: str, phase: str, count_forwards: bool = False) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync(self.device)
+            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+            if count_forwards:
+                sequences = out.sequences if hasattr(out, "sequences") else out
+                given = kwargs.get("input_ids", args[0] if args else None)
+                self.forwards += sequences.size(1) - given.size(1)
+            return out
+
+        had = attr in vars(owner)
+        setattr(owner, attr, timed)
+        self._patched.append((owner, attr, original, had))
+
+    def take(self) -> tuple[dict[str, float], int]:
+        totals, forwards = self.totals, self.forwards
+        self.totals, self.forwards = {}, 0
+        return totals, forwards
+
+    def restore(self) -> None:
+        for owner, attr, original, had in reversed(self._patched):
+            if had:
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)
+        self._patched.clear()
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, from torch._dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+# ------------------------------------------------------------------ trainers
+
+
+def common_args(ns, batch_size: int, output_dir: str) -> dict:
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=ns.grad_accum,
         learning_rate=1e-5,
-        lmbda=1.0 if ns.generation else 0.0,
-        seq_kd=False,
         beta=0.5,
         temperature=1.0,
-        max_new_tokens=ns.max_new_tokens,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         report_to="none",
@@ -240,71 +397,161 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
         logging_strategy="no",
         disable_tqdm=True,
         seed=ns.seed,
-        max_length=None,
         # "bf16": bf16 weights trained in bf16 (no autocast); "amp": bf16=True, accelerate's autocast, whose forward
         # returns float32 outputs (GKD's full logits then take twice the memory).
         **({"use_cpu": True, "bf16": False} if ns.device == "cpu" else {"bf16": ns.precision == "amp"}),
     )
-    dataset = Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]] * batch_size})
-    if rule.is_gkd:
-        args = GKDConfig(**common)
-        cls, extra = GKDTrainer, {}
-    else:
-        args = TIPConfig(**common, **rule.config, **({"tip_chunk_size": ns.chunk_size} if ns.chunk_size else {}))
-        cls, extra = TIPTrainer, {}
-    trainer = cls(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        data_collator=lambda rows: rows,
-        **extra,
+
+
+def cpu_fast_generator(trainer):
+    """On CPU (the smoke test) the `fast/` row runs TIPTrainer's fast-path code with dynamo's eager backend: the
+    trainer refuses `fast_generation` without CUDA (inductor's CUDA graphs), so its generator is swapped for one with
+    the same static cache, fixed shapes and compile plumbing."""
+    from transformers.generation import CompileConfig
+
+    from trl_tip.generation import StepGenerator
+
+    compile_config = CompileConfig(backend="eager", fullgraph=False, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True  # private transformers flag: compile on CPU (smoke test only)
+    args = trainer.args
+    return StepGenerator(
+        trainer.generation_config,
+        seed=args.seed,
+        batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        pad_to_multiple_of=args.generation_pad_to_multiple_of,
+        static_cache=True,
+        compile_config=compile_config,
     )
+
+
+def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, output_dir: str):
+    common = common_args(ns, batch_size, output_dir)
+    if rule.distillation_format:
+        from trl_tip import TIPDistillationConfig, TIPDistillationTrainer
+
+        dist = dict(max_completion_length=ns.max_new_tokens)
+        if rule.trainer == "dist":
+            args, cls = DistillationConfig(**common, **dist), DistillationTrainer
+        else:
+            extra = {"tip_chunk_size": ns.chunk_size} if ns.chunk_size else {}
+            args, cls = TIPDistillationConfig(**common, **dist, **rule.config, **extra), TIPDistillationTrainer
+        dataset = Dataset.from_dict({"prompt": ["x"] * (batch_size * ns.grad_accum)})
+        trainer = cls(
+            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        # Random-id prompts: no chat template to apply, the "prompt" fields are the token ids.
+        trainer._tokenize_prompts = lambda prompts: (prompts, None, {})
+        if not ns.generation:
+            # The loss step alone: the prepared micro-batch goes straight to the loss (no generation, no buffer).
+            trainer._prepare_inputs = lambda inputs: super(DistillationTrainer, trainer)._prepare_inputs(inputs)
+    else:
+        gkd = dict(
+            lmbda=1.0 if ns.generation else 0.0, seq_kd=False, max_new_tokens=ns.max_new_tokens, max_length=None
+        )
+        dataset = Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]] * batch_size})
+        if rule.trainer == "gkd":
+            args, cls = GKDConfig(**common, **gkd), GKDTrainer
+        else:
+            extra = {"tip_chunk_size": ns.chunk_size} if ns.chunk_size else {}
+            extra["generation_pad_to_multiple_of"] = ns.pad_to_multiple_of
+            fast = rule.trainer == "tip-fast" and ns.device != "cpu"
+            args = TIPConfig(**common, **gkd, **rule.config, **extra, fast_generation=fast)
+            cls = TIPTrainer
+        trainer = cls(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            data_collator=lambda rows: rows,
+        )
+        if rule.trainer == "tip-fast" and ns.device == "cpu":
+            print(
+                f"    {rule.label}: on CPU, the static-cache path with dynamo's eager backend (smoke test)", flush=True
+            )
+            trainer.tip_generator = cpu_fast_generator(trainer)
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     trainer.create_optimizer()
     model, optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
     trainer.model_wrapped, trainer.optimizer = model, optimizer
-    trainer.current_gradient_accumulation_steps = 1
+    trainer.current_gradient_accumulation_steps = ns.grad_accum
     return trainer
 
 
-def one_step(trainer, rule: Rule, batch: dict) -> int:
-    """One optimizer step as `Trainer.train` runs it; returns the completion tokens trained on."""
-    inputs = {k: v.clone() for k, v in batch.items()}
-    if rule.is_gkd:
-        count = (inputs["labels"][:, 1:] != -100).sum()
+def one_step(trainer, rule: Rule, micro_batches: list[dict], ns, capture: list | None = None) -> int:
+    """One optimizer step as `Trainer.train` runs it; returns the completion tokens trained on.
+
+    With `capture`, a TIPTrainer row appends each micro-batch's `(prompt width, generated ids)` (on the CPU).
+    """
+    model = trainer.model_wrapped
+    model.train()
+    trained = 0
+    if rule.distillation_format:
+        if ns.generation:
+            # TRL's loop hands every micro-batch the step's generation batch; the first generates and buffers.
+            generation_batch = [row for m in micro_batches for row in m["dist"]]
+            for _ in micro_batches:
+                trainer.training_step(model, generation_batch, None)
+            trained = sum(int(b["completion_mask"].sum()) for b in trainer._buffered_inputs)
+        else:
+            for m in micro_batches:
+                inputs = dict(m["dist"])
+                trainer.training_step(model, inputs, inputs["num_items_in_batch"])
+                trained += int(inputs["completion_mask"].sum())
+    elif rule.trainer == "gkd":
+        inputs = [{k: v.clone() for k, v in m["gkd"].items()} for m in micro_batches]
+        count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in inputs)
         if trainer.lmbda > 0:
             # GKD counts the dataset's labels before it generates; with a prompt-only batch that count is 0, so
             # give the number of tokens it will sample (random weights never sample an end of sequence).
-            count = torch.tensor(inputs["input_ids"].size(0) * trainer.args.max_new_tokens)
-        trainer.training_step(trainer.model_wrapped, inputs, count)
-        trained = inputs["labels"]  # GKD replaces the dict's tensors in place when it generates
+            count = sum(b["input_ids"].size(0) for b in inputs) * trainer.args.max_new_tokens
+        for b in inputs:
+            trainer.training_step(model, b, torch.tensor(count))
+            trained += int((b["labels"][:, 1:] != -100).sum())  # GKD replaces the dict's tensors when it generates
     else:
-        samples, count = trainer.get_batch_samples(iter([inputs]), 1, trainer.accelerator.device)
-        trained = samples[0]["labels"]
-        trainer.training_step(trainer.model_wrapped, samples[0], count)
+        inputs = [{k: v.clone() for k, v in m["gkd"].items()} for m in micro_batches]
+        widths = [b["prompts"].size(1) for b in inputs]
+        samples, count = trainer.get_batch_samples(iter(inputs), len(inputs), trainer.accelerator.device)
+        if capture is not None:
+            capture.extend((w, s["input_ids"].cpu()) for w, s in zip(widths, samples, strict=True))
+        for s in samples:
+            trainer.training_step(model, s, count)
+            trained += int((s["labels"][:, 1:] != -100).sum())
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return int((trained[:, 1:] != -100).sum())
+    return trained
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# The first step's rollouts of TIPTrainer rows, by (shape, grad_accum, rule options, fast path).
+FIRST_ROLLOUTS: dict[tuple, list] = {}
+
+
+def matching_prefix(a: list, b: list) -> float:
+    """Mean over rows of the number of leading completion tokens two first-step rollouts share."""
+    lengths = []
+    for (width, x), (_, y) in zip(a, b, strict=True):
+        x, y = x[:, width:], y[:, width:]
+        n = min(x.size(1), y.size(1))
+        same = (x[:, :n] == y[:, :n]).int()
+        lengths.extend(same.cumprod(1).sum(1).tolist())
+    return statistics.mean(lengths)
+
+
+def release_compiled(*models) -> None:
+    """Drops transformers' compiled decode call (and its CUDA graphs) so the next row starts clean."""
+    for m in models:
+        m.__dict__.pop("_compiled_call", None)
+        m.__dict__.pop("_last_compile_config", None)
+    torch._dynamo.reset()
 
 
 def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns, device) -> Result:
     b, t = parse_shape(shape)
     if ns.generation:
-        seq = ns.prompt  # the batch holds the prompt; the completion is sampled
         shape = f"{b}x({ns.prompt}+{ns.max_new_tokens})"
-    else:
-        seq = t
-    result = Result(rule.label, shape, ns.generation)
-    batch = make_batch(b, seq, ns.prompt, ns.vocab, device, ns.seed)
-    trainer = timer = None
+    result = Result(rule.label, rule.trainer, shape, ns.generation, ns.grad_accum)
+    trainer = timer = phases = None
     oom = False
     try:
         with torch.no_grad():
@@ -312,49 +559,100 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
                 p.copy_(init_state[name])
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = build_trainer(rule, student, teacher, tokenizer, ns, b, output_dir)
-            timer = None if rule.is_gkd else SelectionTimer(trainer, device)
-            for _ in range(ns.warmup):
-                one_step(trainer, rule, batch)
-            sync(device)
+            timer = SelectionTimer(trainer, device) if rule.is_tip else None
+            phases = PhaseTimer(device)
+            phases.wrap(student, "generate", "generation", count_forwards=True)
+            graphs0, breaks0 = dynamo_counts()
+            step = 0
+            warmup, steps = (ns.gkd_warmup, ns.gkd_steps) if rule.trainer == "gkd" else (ns.warmup, ns.steps)
+            first: list | None = [] if ns.generation and rule.trainer in ("tip", "tip-fast") else None
+            for _ in range(warmup):
+                sync(device)
+                start = time.perf_counter()
+                one_step(trainer, rule, make_step(ns, step, b, t, device), ns, first if step == 0 else None)
+                sync(device)
+                result.warmup_times.append(time.perf_counter() - start)
+                step += 1
+                print(f"    {rule.label}: warm-up step {step}: {result.warmup_times[-1]:.2f} s", flush=True)
             if timer:
                 timer.take()
+            phases.take()
+            graphs1, _ = dynamo_counts()
             if device.type == "cuda":
                 gc.collect()
                 torch.cuda.reset_peak_memory_stats(device)
                 result.static_gib = torch.cuda.memory_allocated(device) / GIB
-            times, selection, tokens = [], [], []
-            for _ in range(ns.steps):
+            times, selection, tokens, generation, forwards = [], [], [], [], []
+            for _ in range(steps):
+                data = make_step(ns, step, b, t, device)
                 sync(device)
                 start = time.perf_counter()
-                tokens.append(one_step(trainer, rule, batch))
+                tokens.append(one_step(trainer, rule, data, ns, first if step == 0 else None))
                 sync(device)
                 times.append(time.perf_counter() - start)
+                step += 1
+                totals, n_forwards = phases.take()
+                generation.append(totals.get("generation", 0.0))
+                forwards.append(n_forwards)
                 if timer:
                     selection.append(timer.take())
+            graphs2, breaks2 = dynamo_counts()
             if device.type == "cuda":
                 result.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
+            result.graphs_warmup, result.graphs_timed, result.graph_breaks = (
+                graphs1 - graphs0,
+                graphs2 - graphs1,
+                (breaks2 - breaks0),
+            )
             result.step_times = times
             result.step_s = statistics.median(times)
             result.tokens_per_step = statistics.mean(tokens)
             result.tokens_per_s = result.tokens_per_step / result.step_s
+            if ns.generation:
+                result.generation_s = statistics.median(generation)
+                result.loss_s = statistics.median([s - g for s, g in zip(times, generation, strict=True)])
+                result.decode_forwards = statistics.mean(forwards)
+                if result.decode_forwards and result.generation_s > 0:
+                    per_forward = result.generation_s / result.decode_forwards
+                    result.ms_per_forward = 1000 * per_forward
+                    result.bandwidth_frac = weight_bytes(student) / per_forward / (ns.peak_bandwidth * 1e9)
             if selection:
                 result.selection_s = statistics.median(selection)
-            if not rule.is_gkd:
-                stats = trainer.tip_statistics
+            if first:
+                # The fast path samples the same rows with the same noise as the default path: their first-step
+                # rollouts agree until the forwards' rounding (other kernels, bf16) flips a near-tie; a broken
+                # decode would disagree from the first tokens.
+                key = (shape, ns.grad_accum, tuple(sorted(rule.config.items(), key=str)))
+                FIRST_ROLLOUTS[(*key, rule.trainer)] = first
+                other = FIRST_ROLLOUTS.get((*key, "tip" if rule.trainer == "tip-fast" else "tip-fast"))
+                if other is not None:
+                    result.prefix_match = matching_prefix(first, other)
+            if rule.is_tip:
                 with contextlib.suppress(Exception):
-                    result.kept_frac = float(stats.compute(None, num_steps=1).get("tip/kept_frac", float("nan")))
-            if ns.profile and device.type == "cuda" and rule.label in ns.profile_rules:
-                profile_step(trainer, rule, batch, shape, ns)
-    except torch.OutOfMemoryError as exc:  # keep going: the next rule may fit
+                    stats = trainer.tip_statistics.compute(None, num_steps=1)
+                    result.kept_frac = float(stats.get("tip/kept_frac", float("nan")))
+            if ns.profile and rule.label in ns.profile_rules:
+                profile_step(trainer, rule, make_step(ns, step, b, t, device), shape, ns, phases, timer, device)
+    except torch.OutOfMemoryError as exc:  # keep going: the next row may fit
         oom = True
         result.status = "OOM"
         result.note = str(exc).split("\n")[0][:200]
+    except Exception as exc:  # keep going: report the failure, measure the other rows
+        import traceback
+
+        result.status = "error"
+        result.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        print(f"  {rule.label} {shape}: FAILED\n" + "".join(traceback.format_exc().splitlines(True)[-25:]), flush=True)
     finally:
         if timer:
             timer.restore()
+        if phases:
+            phases.restore()
         if trainer is not None:
             trainer.accelerator.free_memory()
-        del trainer, timer, batch
+        del trainer, timer
+        if rule.trainer == "tip-fast":
+            release_compiled(student, teacher)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -363,65 +661,165 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
     return result
 
 
-def profile_step(trainer, rule, batch, shape, ns) -> None:
-    """One step under torch.profiler; writes the kernel table (and a memory snapshot) to --profile-dir."""
+def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, device) -> None:
+    """Phases of one step (synchronised wall time) and, on CUDA, its top kernels (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
+    phases.wrap(trainer, "compute_loss", "loss forward")
+    phases.wrap(trainer.accelerator, "backward", "backward")
+    phases.wrap(trainer.optimizer, "step", "optimizer")
+    if timer:
+        timer.take()
+    phases.take()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities, record_shapes=False) as prof:
+        one_step(trainer, rule, data, ns)
+        sync(device)
+    total = time.perf_counter() - start
+    totals, _ = phases.take()
+    selection = timer.take() if timer else 0.0
+    parts = [f"{name} {seconds:.3f} s ({100 * seconds / total:.0f}%)" for name, seconds in totals.items()]
+    other = total - sum(totals.values())
+    parts.append(f"other {other:.3f} s ({100 * other / total:.0f}%)")
+    if timer:
+        parts.append(f"of which selection {selection:.4f} s ({100 * selection / total:.1f}%)")
+    print(
+        f"  profile {rule.label} {shape} GA={ns.grad_accum}: step {total:.3f} s (under the profiler) = {'; '.join(parts)}"
+    )
+    try:
+        table = prof.key_averages().table(
+            sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40
+        )
+    except (AttributeError, KeyError, ValueError):  # older profilers name the CUDA column cuda_time_total
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     os.makedirs(ns.profile_dir, exist_ok=True)
-    tag = f"{rule.name}_{shape}".replace(" ", "_")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
-        one_step(trainer, rule, batch)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    tag = f"{rule.label}_{shape}_ga{ns.grad_accum}".replace(" ", "_").replace("%", "")
     with open(os.path.join(ns.profile_dir, f"profile_{tag}.txt"), "w") as fh:
         fh.write(table)
-    print(f"--- profile {rule.label} {shape} ---\n{table[:6000]}", flush=True)
+    events = sorted(
+        prof.key_averages(),
+        key=lambda e: (
+            getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+            if device.type == "cuda"
+            else e.cpu_time_total
+        ),
+        reverse=True,
+    )
+    top = []
+    for e in events[:8]:
+        us = (
+            getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+            if device.type == "cuda"
+            else e.cpu_time_total
+        )
+        top.append(f"{e.key[:48]} {us / 1e6:.3f} s")
+    print(f"    top {'CUDA' if device.type == 'cuda' else 'CPU'} ops: " + "; ".join(top), flush=True)
+
+
+# ------------------------------------------------------------------ tables
 
 
 def fmt(x: float, spec: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def markdown_table(results: list[Result]) -> str:
+def _reference(results: list[Result], r: Result, trainer: str) -> Result | None:
+    return next(
+        (
+            x
+            for x in results
+            if x.trainer == trainer
+            and x.shape == r.shape
+            and x.generation == r.generation
+            and x.grad_accum == r.grad_accum
+            and x.status == "ok"
+        ),
+        None,
+    )
+
+
+def _ratio(a: float, ref: Result | None, attr: str) -> float:
+    if ref is None:
+        return float("nan")
+    b = getattr(ref, attr)
+    return a / b if b and not math.isnan(b) else float("nan")
+
+
+def loss_table(results: list[Result], trainers: tuple[str, ...] | None = None) -> str:
     lines = [
-        "| shape | generation | trainer / rule | kept | peak GiB | × GKD | step s | × GKD | completion tok/s | "
+        "| shape | trainer / rule | kept | peak GiB | × GKD | × Dist | step s | × GKD | × Dist | completion tok/s | "
         "selection s (% of step) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref = next(
-            (x for x in results if x.rule.startswith("GKD") and x.shape == r.shape and x.generation == r.generation),
-            None,
-        )
-        ok_ref = ref is not None and ref.status == "ok"
-        mem_ratio = r.peak_gib / ref.peak_gib if ok_ref and r.status == "ok" else float("nan")
-        time_ratio = r.step_s / ref.step_s if ok_ref and r.status == "ok" else float("nan")
-        gen = "yes" if r.generation else "no"
-        if r.status != "ok":
-            lines.append(f"| {r.shape} | {gen} | {r.rule} | — | {r.status} | — | — | — | — | — |")
+        if trainers is not None and r.trainer not in trainers:
             continue
-        sel = "—"
-        if not math.isnan(r.selection_s):
-            sel = f"{r.selection_s:.4f} ({100 * r.selection_s / r.step_s:.1f}%)"
+        if r.status != "ok":
+            lines.append(f"| {r.shape} | {r.rule} | — | {r.status} | — | — | — | — | — | — | — |")
+            continue
+        gkd, dist = _reference(results, r, "gkd"), _reference(results, r, "dist")
+        sel = "—" if math.isnan(r.selection_s) else f"{r.selection_s:.4f} ({100 * r.selection_s / r.step_s:.1f}%)"
         lines.append(
-            f"| {r.shape} | {gen} | {r.rule} | {fmt(r.kept_frac, '.2f')} | {fmt(r.peak_gib, '.2f')} | "
-            f"{fmt(mem_ratio, '.2f')} | {fmt(r.step_s, '.3f')} | {fmt(time_ratio, '.2f')} | "
-            f"{fmt(r.tokens_per_s, ',.0f')} | {sel} |"
+            f"| {r.shape} | {r.rule} | {fmt(r.kept_frac, '.2f')} | {fmt(r.peak_gib, '.2f')} | "
+            f"{fmt(_ratio(r.peak_gib, gkd, 'peak_gib'), '.2f')} | {fmt(_ratio(r.peak_gib, dist, 'peak_gib'), '.2f')} | "
+            f"{fmt(r.step_s, '.3f')} | {fmt(_ratio(r.step_s, gkd, 'step_s'), '.2f')} | "
+            f"{fmt(_ratio(r.step_s, dist, 'step_s'), '.2f')} | {fmt(r.tokens_per_s, ',.0f')} | {sel} |"
         )
     return "\n".join(lines)
 
 
+def generation_table(results: list[Result]) -> str:
+    lines = [
+        "| shape | GA | trainer / rule | step s | generation s | loss s | completion tok/s | × GKD | × Dist | "
+        "peak GiB | × GKD | ms / decode fwd | BW frac | 1st step s | graphs (timed) | selection % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"| {r.shape} | {r.grad_accum} | {r.rule} | {r.status} |" + " — |" * 12)
+            continue
+        gkd, dist = _reference(results, r, "gkd"), _reference(results, r, "dist")
+        sel = "—" if math.isnan(r.selection_s) else f"{100 * r.selection_s / r.step_s:.2f}%"
+        first = r.warmup_times[0] if r.warmup_times else float("nan")
+        lines.append(
+            f"| {r.shape} | {r.grad_accum} | {r.rule} | {fmt(r.step_s, '.2f')} | {fmt(r.generation_s, '.2f')} | "
+            f"{fmt(r.loss_s, '.3f')} | {fmt(r.tokens_per_s, ',.0f')} | "
+            f"{fmt(_ratio(r.tokens_per_s, gkd, 'tokens_per_s'), '.2f')} | "
+            f"{fmt(_ratio(r.tokens_per_s, dist, 'tokens_per_s'), '.2f')} | {fmt(r.peak_gib, '.2f')} | "
+            f"{fmt(_ratio(r.peak_gib, gkd, 'peak_gib'), '.2f')} | {fmt(r.ms_per_forward, '.2f')} | "
+            f"{fmt(r.bandwidth_frac, '.3f')} | {fmt(first, '.1f')} | {r.graphs_timed} | {sel} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+
+
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rules", default=DEFAULT_RULES, help="Comma-separated rules (see above).")
-    parser.add_argument("--shapes", default="4x2048", help="Comma-separated BxT shapes, e.g. 4x2048,8x4096.")
-    parser.add_argument("--prompt", type=int, default=256, help="Prompt tokens per sequence (labels -100).")
+    parser.add_argument("--rules", default=None, help=f"Rows (see above). Default: {LOSS_RULES}; with --generation "
+                        f"{GENERATION_RULES}.")  # fmt: skip
+    parser.add_argument("--shapes", default=None, help="Comma-separated BxT shapes (default 4x2048; --generation: "
+                        "8x640, where only B is used).")  # fmt: skip
+    parser.add_argument("--prompt", type=int, default=None, help="Prompt tokens (default 256; --generation: 128).")
+    parser.add_argument("--prompt-jitter", type=int, default=None, help="With --generation, prompt lengths vary "
+                        "by up to this many tokens below --prompt (default 24: within one 64-token bucket).")  # fmt: skip
+    parser.add_argument("--pad-to-multiple-of", type=int, default=64, help="TIPTrainer's generation bucket.")
+    parser.add_argument("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (median reported).")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--generation", action="store_true", help="lmbda=1: sample completions at every step.")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--chunk-size", type=int, default=None, help="tip_chunk_size (default: TIPConfig's).")
+    parser.add_argument("--warmup", type=int, default=2, help="Warm-up steps (the first one is reported).")
+    parser.add_argument("--gkd-steps", type=int, default=None, help="Timed steps of GKDTrainer rows (default: "
+                        "--steps; its end-to-end step at 8x(128+512), GA 4 takes about a minute).")  # fmt: skip
+    parser.add_argument("--gkd-warmup", type=int, default=None, help="Warm-up steps of GKDTrainer rows (default: "
+                        "--warmup; 0 is fair once an earlier row has warmed the device up).")  # fmt: skip
+    parser.add_argument("--generation", action="store_true", help="End to end: sample completions at every step.")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="Default 128; --generation: 512.")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tip_chunk_size (default: the config's).")
+    parser.add_argument("--peak-bandwidth", type=float, default=H100_BANDWIDTH_GBS, help="Peak memory bandwidth in "
+                        "GB/s for the decode bandwidth fraction (default: H100 SXM 3,350; H200: 4,800).")  # fmt: skip
     parser.add_argument(
         "--precision",
         choices=("bf16", "amp"),
@@ -433,16 +831,31 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--tiny", action="store_true", help="Tiny models and shapes (CPU smoke test).")
     parser.add_argument("--json", default=None, help="Write every result to this JSON file.")
     parser.add_argument("--profile", action="store_true", help="Profile one extra step of --profile-rules.")
-    parser.add_argument("--profile-rules", default="GKDTrainer (all tokens),TIP all,TIP entropy_sample 50%")
+    parser.add_argument(
+        "--profile-rules", default="GKDTrainer,TIP fast entropy_sample 50%,TIP all,TIP entropy_sample 50%"
+    )
     parser.add_argument("--profile-dir", default="profiles")
     ns = parser.parse_args(argv)
     ns.profile_rules = [s.strip() for s in ns.profile_rules.split(",")]
+    ns.gkd_steps = ns.steps if ns.gkd_steps is None else ns.gkd_steps
+    ns.gkd_warmup = ns.warmup if ns.gkd_warmup is None else ns.gkd_warmup
+    if min(ns.steps, ns.gkd_steps) < 1:
+        parser.error("--steps and --gkd-steps must be >= 1.")
+    ns.rules = ns.rules or (GENERATION_RULES if ns.generation else LOSS_RULES)
+    ns.shapes = ns.shapes or ("8x640" if ns.generation else "4x2048")
+    ns.prompt = ns.prompt if ns.prompt is not None else (128 if ns.generation else 256)
+    ns.max_new_tokens = ns.max_new_tokens or (512 if ns.generation else 128)
+    ns.prompt_jitter = ns.prompt_jitter if ns.prompt_jitter is not None else (24 if ns.generation else 0)
     if ns.tiny:
         ns.vocab = min(ns.vocab, 512)
-        if ns.shapes == "4x2048":
+        if ns.shapes in ("4x2048", "8x640"):
             ns.shapes = "2x64"
         ns.prompt = min(ns.prompt, 16)
+        ns.prompt_jitter = min(ns.prompt_jitter, 6)
         ns.max_new_tokens = min(ns.max_new_tokens, 8)
+        ns.pad_to_multiple_of = min(ns.pad_to_multiple_of, 8)
+    if ns.generation and ns.prompt_jitter >= ns.prompt:
+        parser.error("--prompt-jitter must be smaller than --prompt.")
     hf_logging.set_verbosity_error()
     device = torch.device(ns.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -451,12 +864,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     student = make_model("0.5B", ns.vocab, ns.tiny, device, dtype, ns.seed)
     teacher = make_model("1.5B", ns.vocab, ns.tiny, device, dtype, ns.seed + 1).eval()
     init_state = {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters()}
+    import transformers
+    import trl
+
     header = (
         f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} torch={torch.__version__} "
-        f"student={sum(p.numel() for p in student.parameters()) / 1e6:.0f}M "
+        f"transformers={transformers.__version__} trl={trl.__version__} "
+        f"student={sum(p.numel() for p in student.parameters()) / 1e6:.0f}M ({weight_bytes(student) / 1e9:.2f} GB) "
         f"teacher={sum(p.numel() for p in teacher.parameters()) / 1e6:.0f}M vocab={ns.vocab} prompt={ns.prompt} "
-        f"generation={f'max_new_tokens={ns.max_new_tokens}' if ns.generation else 'no'} "
-        f"steps={ns.steps} warmup={ns.warmup} precision={ns.precision}"
+        f"generation={f'max_new_tokens={ns.max_new_tokens} jitter={ns.prompt_jitter}' if ns.generation else 'no'} "
+        f"grad_accum={ns.grad_accum} steps={ns.steps} warmup={ns.warmup} precision={ns.precision}"
+        + (f" peak_bandwidth={ns.peak_bandwidth:,.0f} GB/s" if ns.generation else "")
     )
     print(header, flush=True)
     results = []
@@ -464,18 +882,43 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for rule in rules:
             r = measure(rule, shape, student, teacher, init_state, tokenizer, ns, device)
             results.append(r)
+            gen = f"gen={fmt(r.generation_s, '.2f')} s loss={fmt(r.loss_s, '.3f')} s " if ns.generation else ""
             print(
-                f"  {r.rule:<28} {shape:>8} {r.status:>4} peak={fmt(r.peak_gib, '.2f')} GiB "
-                f"step={fmt(r.step_s, '.3f')} s sel={fmt(r.selection_s, '.4f')} s kept={fmt(r.kept_frac, '.2f')} "
-                f"times={[round(x, 3) for x in r.step_times]}",
+                f"  {r.rule:<30} {r.shape:>10} GA={r.grad_accum} {r.status:>4} peak={fmt(r.peak_gib, '.2f')} GiB "
+                f"step={fmt(r.step_s, '.3f')} s {gen}tok/s={fmt(r.tokens_per_s, ',.0f')} "
+                f"sel={fmt(r.selection_s, '.4f')} s kept={fmt(r.kept_frac, '.2f')} graphs={r.graphs_warmup}+"
+                f"{r.graphs_timed} breaks={r.graph_breaks} times={[round(x, 3) for x in r.step_times]}"
+                + (f" prefix_match={r.prefix_match:.1f}" if not math.isnan(r.prefix_match) else "")
+                + (f" note={r.note}" if r.note else ""),
                 flush=True,
             )
-    if ns.json:
-        with open(ns.json, "w") as fh:
-            json.dump({"header": header, "results": [asdict(r) for r in results]}, fh, indent=1)
+            if ns.json:  # after every row: a run cut short still leaves what it measured
+                with open(ns.json, "w") as fh:
+                    json.dump({"header": header, "results": [asdict(r) for r in results]}, fh, indent=1)
     print()
     print(header)
-    print(markdown_table(results))
+    if ns.generation:
+        print(
+            "Ratios: completion tok/s and peak memory against GKDTrainer (× GKD) and TRL DistillationTrainer (× Dist) "
+            "at the same shape and GA. BW frac: student weight bytes per decode forward / (ms per forward) / peak "
+            "bandwidth. 1st step: the first warm-up step (compilation of the fast path). graphs (timed): torch.compile "
+            "graphs built during the timed steps (0: no recompilation)."
+        )
+        print(generation_table(results))
+        for r in results:
+            if not math.isnan(r.prefix_match):
+                print(
+                    f"{r.rule} ({r.shape}, GA {r.grad_accum}): first-step rollouts share on average "
+                    f"{r.prefix_match:.1f} of {ns.max_new_tokens} leading tokens with the other TIPTrainer path's "
+                    "(same rows, same noise; they part where the two forwards round a near-tie differently)."
+                )
+    else:
+        print("Ratios against GKDTrainer (× GKD) and TRL DistillationTrainer (× Dist), same shape.")
+        print(loss_table(results))
+        if any(r.trainer == "tip-dist" for r in results):
+            print()
+            print("TIPDistillationTrainer against DistillationTrainer:")
+            print(loss_table(results, trainers=("dist", "tip-dist")))
     return results
 
 

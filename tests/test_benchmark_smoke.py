@@ -1,6 +1,8 @@
-"""The memory/speed harness runs end to end on CPU with tiny shapes, and skips rules the package does not know."""
+"""The memory/speed harness runs end to end on CPU with tiny shapes, every kind of row included (GKDTrainer, TRL's
+DistillationTrainer, TIPTrainer default and fast paths, TIPDistillationTrainer), and skips rules it does not know."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -17,33 +19,44 @@ def _load():
 
 def test_memory_speed_tiny_cpu(capsys):
     bench = _load()
-    results = bench.main(
-        ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--rules", "gkd,all,tip:0.2,no_such_rule:0.6"]
-    )
+    rules = "gkd,dist,all,tip:0.2,dist/all,no_such_rule:0.6"
+    results = bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--rules", rules])
     out = capsys.readouterr().out
     assert "token_selection='no_such_rule' is not known" in out
-    assert [r.rule for r in results] == ["GKDTrainer (all tokens)", "TIP all", "TIP tip 20%"]
+    assert [r.rule for r in results] == ["GKDTrainer", "DistillationTrainer", "TIP all", "TIP tip 20%", "TIPDist all"]
     assert all(r.status == "ok" and r.step_s > 0 and r.tokens_per_step == 2 * (64 - 16) for r in results)
-    assert math.isclose(results[1].kept_frac, 1.0) and 0.15 < results[2].kept_frac < 0.25
-    assert "| 2x64 | no | TIP tip 20% |" in out
+    assert math.isclose(results[2].kept_frac, 1.0) and 0.15 < results[3].kept_frac < 0.25
+    assert math.isclose(results[4].kept_frac, 1.0)
+    # Every ratio against both references; the TIPDistillationTrainer table after the main one.
+    assert "| 2x64 | GKDTrainer | — | — | — | — | " in out and "| 1.00 |" in out
+    tables = out.split("TIPDistillationTrainer against DistillationTrainer:")
+    assert len(tables) == 2 and "| 2x64 | TIP tip 20% |" in tables[0]
+    assert "| 2x64 | TIPDist all |" in tables[1] and "TIP tip 20%" not in tables[1]
 
 
-def test_memory_speed_tiny_cpu_generation():
+def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     bench = _load()
-    results = bench.main(
-        [
-            "--tiny",
-            "--device",
-            "cpu",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--rules",
-            "gkd,entropy_sample:0.5",
-            "--generation",
-        ]
-    )
-    assert [r.status for r in results] == ["ok", "ok"]
-    # 2 sequences x 8 sampled tokens, each predicted from the position before it.
-    assert all(r.tokens_per_step == 2 * 8 and r.shape == "2x(16+8)" for r in results)
+    rules = "gkd,dist,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--grad-accum", "2", "--generation"]
+    profile = ["--profile", "--profile-rules", "TIP fast entropy_sample 50%", "--profile-dir", str(tmp_path)]
+    results = bench.main([*argv, "--rules", rules, *profile, "--json", str(tmp_path / "e2e.json")])
+    out = capsys.readouterr().out
+    assert [r.status for r in results] == ["ok"] * 5
+    assert [r.trainer for r in results] == ["gkd", "dist", "tip", "tip-fast", "tip-dist"]
+    for r in results:
+        assert r.shape == "2x(16+8)" and r.grad_accum == 2
+        # 2 micro-batches x 2 sequences x 8 sampled tokens (DistillationTrainer may stop a row at its EOS, id 1).
+        assert r.tokens_per_step <= 32 and (r.trainer == "dist" or r.tokens_per_step == 32)
+        assert 0 < r.generation_s < r.step_s and r.loss_s > 0 and r.decode_forwards > 0
+    gkd, dist, default, fast, tip_dist = results
+    # GKD generates per micro-batch (2 calls of 8 forwards), the others once per step (8 forwards).
+    assert gkd.decode_forwards == 16 and default.decode_forwards == fast.decode_forwards == 8
+    # The fast path compiles during the warm-up and not again, although prompt lengths vary from step to step.
+    assert fast.graphs_warmup >= 1 and fast.graphs_timed == 0
+    # Same rows, same noise: on the CPU (float32) the fast path's first rollouts equal the default path's.
+    assert fast.prefix_match == 8 and "share on average 8.0 of 8 leading tokens" in out
+    assert "profile TIP fast entropy_sample 50%" in out and "generation" in out.split("profile TIP fast")[1]
+    assert "| 2x(16+8) | 2 | TIP fast entropy_sample 50% |" in out
+    assert len(list(tmp_path.glob("profile_TIP_fast_*.txt"))) == 1
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert [r["rule"] for r in saved["results"]] == [r.rule for r in results]

@@ -58,17 +58,17 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 
 
 class _CountGenerations:
-    """Wraps `generate_on_policy_outputs` to count the student's on-policy generations."""
+    """Wraps the trainer's step generator to count the student's on-policy generations (one per optimizer step)."""
 
     def __init__(self, trainer):
         self.calls = 0
-        original = trainer.generate_on_policy_outputs
+        original = trainer.tip_generator.generate
 
-        def wrapped(model, inputs, generation_config):
+        def wrapped(model, **kwargs):
             self.calls += 1
-            return original(model, inputs, generation_config)
+            return original(model, **kwargs)
 
-        trainer.generate_on_policy_outputs = wrapped
+        trainer.tip_generator.generate = wrapped
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])

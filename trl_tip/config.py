@@ -319,13 +319,66 @@ def tip_argument_names() -> list[str]:
 class TIPConfig(GKDConfig, TIPArguments):
     r"""
     Configuration class for [`TIPTrainer`]: every option of TRL's `GKDConfig` plus the token-selection options of
-    [`TIPArguments`].
+    [`TIPArguments`] and the on-policy generation options below.
+
+    TIPTrainer generates the completions of all micro-batches of an optimizer step together (GKD: one micro-batch at a
+    time), with GKD's semantics per micro-batch (the `lmbda` draw, `seq_kd` teacher rollouts, `temperature`, EOS and
+    padding). Its sampling noise depends only on the seed, the step, the row's index within the step and the position,
+    so the samples do not depend on how the rows are batched (see `trl_tip.generation`).
+
+    Parameters:
+        > Parameters that control the on-policy generation
+
+        per_device_generation_batch_size (`int`, *optional*):
+            Rows (prompts) per `generate` call on each process. Defaults to all the rows of an optimizer step
+            (`per_device_train_batch_size * gradient_accumulation_steps`); lower it to bound the generation memory.
+        generation_pad_to_multiple_of (`int`, *optional*, defaults to `64`):
+            Prompts are left-padded to a multiple of this for generation (computed over the step), so the shapes of
+            the `generate` calls repeat. The trained sequences keep each micro-batch's own padding.
+        fast_generation (`bool`, *optional*, defaults to `False`):
+            Generate with a static KV cache and a compiled decode step (transformers' `torch.compile` with CUDA
+            graphs): several times faster on a GPU, after a one-off compilation (tens of seconds) at the first step
+            and whenever a longer prompt bucket needs a longer cache. CUDA only; refused for quantized (bitsandbytes)
+            or offloaded generating models, FSDP and DeepSpeed ZeRO-3.
     """
+
+    per_device_generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per generate call on each process; defaults to all rows of an optimizer step "
+            "(per_device_train_batch_size * gradient_accumulation_steps)."
+        },
+    )
+    generation_pad_to_multiple_of: int = field(
+        default=64,
+        metadata={"help": "Prompts are left-padded to a multiple of this for generation, so shapes repeat."},
+    )
+    fast_generation: bool = field(
+        default=False,
+        metadata={
+            "help": "Static KV cache and compiled decode step (torch.compile, CUDA graphs) for the on-policy "
+            "generation: much faster on GPU after a one-off compile. CUDA only; not for quantized students."
+        },
+    )
 
     def __post_init__(self):
         check_liger_kernel(self)
         super().__post_init__()
         self.validate_tip_arguments()
+        if self.per_device_generation_batch_size is not None and self.per_device_generation_batch_size < 1:
+            raise ValueError(
+                "per_device_generation_batch_size must be a positive integer or None (all rows of the step), got "
+                f"{self.per_device_generation_batch_size}."
+            )
+        if self.generation_pad_to_multiple_of < 1:
+            raise ValueError(
+                f"generation_pad_to_multiple_of must be a positive integer, got {self.generation_pad_to_multiple_of}."
+            )
+        if self.fast_generation and self.use_cpu:
+            raise ValueError(
+                "fast_generation=True needs a CUDA device (torch.compile with CUDA graphs), but use_cpu=True. Leave "
+                "fast_generation=False on CPU."
+            )
 
 
 @dataclass
