@@ -1,5 +1,7 @@
 """Property-based tests: the selection rules on random signals keep their invariants."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +15,7 @@ from trl_tip.selection import (
     QuadrantSubset,
     RandomTokens,
     SelectionContext,
-    TypeAware,
+    QuadrantBudget,
     assign_quadrants,
     budget,
 )
@@ -142,9 +144,9 @@ def test_entropy_topk_keeps_a_top_set_around_the_quantile(signals, keep_ratio):
 @given(
     signals=random_signals(), keep_ratio=keep_ratios, q3_share=st.floats(0.0, 1.0), h_thr=thresholds, d_thr=thresholds
 )
-def test_type_aware_fills_its_budget_from_q1_to_q3_by_rank(signals, keep_ratio, q3_share, h_thr, d_thr):
+def test_quadrant_budget_fills_its_budget_from_q1_to_q3_by_rank(signals, keep_ratio, q3_share, h_thr, d_thr):
     context = context_for(signals, h_thr, d_thr)
-    mask = TypeAware(keep_ratio, q3_share=q3_share)(signals, context)
+    mask = QuadrantBudget(keep_ratio, q3_share=q3_share)(signals, context)
     check_mask(mask, signals)
     q = context.quadrant
     assert not (mask & ~signals.finite).any()
@@ -174,7 +176,7 @@ def test_q3_keeps_exactly_the_finite_low_entropy_high_divergence_tokens(signals,
 def test_statistics_quadrant_fractions_sum_to_one(signals, h_thr, d_thr, keep_ratio):
     context = context_for(signals, h_thr, d_thr)
     stats = TIPStatistics()
-    for rule in (AllTokens(), TypeAware(keep_ratio), QuadrantSubset(["Q3"])):
+    for rule in (AllTokens(), QuadrantBudget(keep_ratio), QuadrantSubset(["Q3"])):
         # As `TIPTrainer.select_tokens` does: non-finite positions are dropped whatever the rule returns.
         weights = rule(signals, context).float() * signals.finite.float()
         stats.update(signals, context.quadrant, weights, h_thr, d_thr)
@@ -204,7 +206,8 @@ def test_sstoken_keeps_the_budget_of_each_sequence(signals, keep_ratio, gamma, s
     assert not (mask & ~signals.finite).any()
     for s in torch.unique(signals.seq_idx).tolist():
         in_seq = signals.seq_idx == s
-        assert int((mask & in_seq).sum()) == budget(int((in_seq & signals.finite).sum()), keep_ratio)
+        # ssToken's budget: ceil(keep_ratio * n) of each sequence's n finite tokens.
+        assert int((mask & in_seq).sum()) == math.ceil(keep_ratio * int((in_seq & signals.finite).sum()) - 1e-9)
     assert torch.equal(mask, rule(signals, context))
 
 
