@@ -100,7 +100,8 @@ class SoftOR(_ScoreRule):
     def scores(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         """The Soft-OR score of each position (float64, in `[0, 1]`)."""
         h_hat, d_hat = normalized_entropy_and_divergence(signals, context, self.entropy_clip_quantile)
-        return h_hat + d_hat - h_hat * d_hat
+        # The same as ĥ + δ̂ − ĥ·δ̂, but exactly 1 where either axis is 1 (no rounding breaks ties at the top).
+        return 1.0 - (1.0 - h_hat) * (1.0 - d_hat)
 
     def __repr__(self) -> str:
         return f"SoftOR({self._repr_options()}, entropy_clip_quantile={self.entropy_clip_quantile})"
