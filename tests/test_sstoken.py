@@ -31,7 +31,7 @@ from trl_tip.sstoken import (
     retrospective_excess_loss,
     sstoken_score,
 )
-from trl_tip.sstoken.attention import capture_last_attention_inputs, prompt_attention_mass, prompt_mass_from_qk
+from trl_tip.sstoken.attention import capture_attention_inputs, prompt_attention_mass, prompt_mass_from_qk
 from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
 
 
@@ -301,8 +301,8 @@ def test_intersect_and_union_compose_selectors():
 # ----------------------------------------------------------------------------- attention score
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_prompt_attention_equals_eager_reference(arch):
+@pytest.mark.parametrize("arch, layer", [("qwen2", -1), ("qwen3", -1), ("qwen2", 0), ("qwen3", -2)])
+def test_prompt_attention_equals_eager_reference(arch, layer):
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
@@ -328,17 +328,49 @@ def test_prompt_attention_equals_eager_reference(arch):
     prompt_mask &= attention_mask.bool()
     seq_idx, query_pos = (attention_mask[:, 5:] == 1).nonzero(as_tuple=True)
     query_pos = query_pos + 5
-    with torch.no_grad(), capture_last_attention_inputs(model) as captured:
+    with torch.no_grad(), capture_attention_inputs(model, layer) as captured:
         model(input_ids=ids, attention_mask=attention_mask)
     mass = prompt_attention_mass(captured, attention_mask, prompt_mask, seq_idx, query_pos, chunk_size=2)
 
     # Same weights, eager attention that materialises the weights of every layer.
     model.config._attn_implementation = "eager"
     with torch.no_grad():
-        attentions = model(input_ids=ids, attention_mask=attention_mask, output_attentions=True).attentions[-1]
+        attentions = model(input_ids=ids, attention_mask=attention_mask, output_attentions=True).attentions[layer]
     reference = (attentions[seq_idx, :, query_pos, :] * prompt_mask[seq_idx][:, None, :]).sum(-1).mean(-1)
     assert torch.allclose(mass, reference, atol=1e-5)
     assert mass.min() > 0 and mass.max() <= 1
+
+
+def test_attention_layer_option(tmp_path, toy):
+    from trl_tip.sstoken.attention import self_attention_layer
+
+    tokenizer, dataset = toy
+    model = make_model(tokenizer, 32, 2, seed=0)
+    assert self_attention_layer(model, -1) is model.model.layers[1].self_attn
+    assert self_attention_layer(model, 0) is model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match=r"sstoken_attention_layer=2 is out of range.*allowed values: -2..1"):
+        self_attention_layer(model, 2)
+    with pytest.raises(ValueError, match=r"sstoken_attention_layer=-3 is out of range.*allowed values: -2..1"):
+        TIPTrainer(
+            model=model,
+            teacher_model=make_model(tokenizer, 32, 1, seed=1),
+            args=base_args(tmp_path, sstoken_attention_layer=-3),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    # The trainer captures the layer it is told: the first layer's prompt attention differs from the last's.
+    records = {}
+    for layer in (0, -1):
+        trainer = RecordingTrainer(
+            model=make_model(tokenizer, 32, 2, seed=0),
+            teacher_model=make_model(tokenizer, 32, 1, seed=1),
+            args=base_args(tmp_path / str(layer), max_steps=1, sstoken_gamma=0.0, sstoken_attention_layer=layer),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        records[layer] = trainer.records[0][2]["prompt_attention"]
+    assert records[0].shape == records[-1].shape and not torch.allclose(records[0], records[-1])
 
 
 def test_prompt_mass_from_qk_by_hand():
