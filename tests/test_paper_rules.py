@@ -330,3 +330,35 @@ def test_importance_weighted_estimator_is_unbiased():
     fixed = EntropySample(0.2)
     biased = [(g[fixed(signals, make_context(signals, seed=seed))]).mean().item() for seed in range(2000)]
     assert abs(np.mean(biased) - truth) > 0.05
+
+
+# ------------------------------------------------------------------------------------------------ paper presets
+
+
+PRESETS = {
+    "full_all": ("all", None),
+    "full_tip50": ("tip", 0.5),
+    "full_tip20": ("tip", 0.2),
+    "full_entropy50": ("entropy_sample", 0.5),
+    "full_q3score10": ("q3_score", 0.1),
+    "full_q3score20": ("q3_score", 0.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_paper_presets_have_the_papers_setup(name, tmp_path):
+    from pathlib import Path
+
+    from trl_tip.train import make_parser
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "qwen3-4b-from-8b-paper" / f"{name}.yaml"
+    _, args, _ = make_parser().parse_args_and_config(
+        ["--config", str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    )
+    assert (args.beta, args.lmbda, args.temperature) == (1.0, 1.0, 1.0)  # reverse KL, on-policy, temperature 1
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.optim.value) == (1e-6, "cosine", "adamw_torch")
+    assert args.divergence == "loss" and args.max_new_tokens == 8192
+    rule, ratio = PRESETS[name]
+    assert (args.token_selection, args.keep_ratio) == (rule, ratio)
+    if rule in ("tip", "q3_score"):
+        assert (args.budget_scope, args.score_order, args.entropy_clip_quantile) == ("rollout", "highest", 0.98)
