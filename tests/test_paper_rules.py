@@ -135,6 +135,14 @@ def test_budgets_round_as_the_papers_say():
         group_quotas(counts, 0.5, "round")
 
 
+def test_rollout_ids_may_be_sparse_and_unsorted():
+    """Rollouts are rows of the micro-batch: their ids can exceed the number of eligible tokens and come in any order."""
+    signals = make_signals([0.9, 0.1, 0.5, 0.2, 0.8], [0.5] * 5, [7, 3, 7, 3, 7])
+    # Rollout 7: tokens 0, 2, 4 (m = 3: keep 1, the highest entropy, 0); rollout 3: tokens 1, 3 (keep 1: token 3).
+    assert kept(EntropyTopK(0.5, budget_scope="rollout")(signals, make_context(signals))) == [0, 3]
+    assert kept(SoftOR(0.5)(signals, make_context(signals))) == [0, 3]
+
+
 # ------------------------------------------------------------------------------------------------ Soft-OR
 
 

@@ -41,7 +41,8 @@ class SelectionContext:
         gather: Concatenates a 1-D tensor over all processes (identity on one process); use it to compute
             thresholds that every rank must share.
         extras: Extra per-token inputs of shape `(N,)` that the selector asked for in its `requires` attribute
-            (e.g. `"history_nll"`, `"history_divergence"`, `"prompt_attention"`); computed only when asked.
+            (`"forward_kl"`, `"reverse_kl"`, `"jsd"` from the signals pass; `"history_nll"`, `"history_divergence"`,
+            `"prompt_attention"` from the trainer); computed only when asked.
         training: Whether the micro-batch is a training one (selectors with metrics accumulate only then).
     """
 

@@ -21,6 +21,7 @@ __all__ = [
     "BUDGET_ROUNDINGS",
     "BUDGET_SCOPES",
     "SCORE_ORDERS",
+    "group_counts",
     "gumbel_keys",
     "group_quotas",
     "grouped_top_k",
@@ -58,13 +59,21 @@ def group_quotas(counts: torch.Tensor, keep_ratio: float, rounding: str) -> torc
     return torch.minimum(quota.long().clamp_min(0), counts.long())
 
 
+def group_counts(groups: torch.Tensor, mask: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Number of `mask` positions in each group (long `(num_groups,)`), without a host synchronisation."""
+    counts = torch.zeros(num_groups, dtype=torch.long, device=groups.device)
+    return counts.scatter_add_(0, groups.long(), mask.long())
+
+
 def grouped_top_k(
     keys: torch.Tensor, groups: torch.Tensor, quotas: torch.Tensor, candidates: torch.Tensor
 ) -> torch.Tensor:
     """Keeps, in each group, the `quotas[group]` candidates of highest key; equal keys go to the lower index.
 
+    No host synchronisation: two stable sorts and a scatter.
+
     Args:
-        keys (`torch.Tensor`): Keys of shape `(N,)`.
+        keys (`torch.Tensor`): Finite keys of shape `(N,)`.
         groups (`torch.Tensor`): Group id of each position, shape `(N,)`, integers in `[0, G)`.
         quotas (`torch.Tensor`): Positions to keep in each group, shape `(G,)`.
         candidates (`torch.Tensor`): Boolean `(N,)`, the positions that may be kept.
@@ -72,36 +81,54 @@ def grouped_top_k(
     Returns:
         `torch.Tensor`: Boolean keep-mask of shape `(N,)`.
     """
-    keep = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-    idx = candidates.nonzero(as_tuple=True)[0]
-    if idx.numel() == 0:
+    n = keys.numel()
+    keep = torch.zeros(n, dtype=torch.bool, device=keys.device)
+    if n == 0:
         return keep
-    group = groups[idx].long()
+    groups = groups.long().to(keys.device)
+    quotas = quotas.to(keys.device)
+    # Non-candidates rank after every candidate of their group.
+    keys = torch.where(candidates, keys.double(), torch.full_like(keys, float("-inf"), dtype=torch.float64))
     # Highest key first (a stable sort keeps the lower index first among equal keys), then grouped, keeping that order.
-    order = torch.sort(keys[idx].double(), descending=True, stable=True).indices
-    order = order[torch.sort(group[order], stable=True).indices]
-    group_sorted = group[order]
-    counts = torch.bincount(group_sorted, minlength=quotas.numel())
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=keys.device) - starts[group_sorted]
-    keep[idx[order[rank < quotas.to(keys.device)[group_sorted]]]] = True
+    order = torch.sort(keys, descending=True, stable=True).indices
+    order = order[torch.sort(groups[order], stable=True).indices]
+    group_sorted = groups[order]
+    sizes = group_counts(groups, torch.ones_like(candidates), quotas.numel())
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(n, device=keys.device) - starts[group_sorted]
+    keep[order] = candidates[order] & (rank < quotas[group_sorted])
     return keep
 
 
 def scoped_groups(signals: TokenSignals, budget_scope: str) -> tuple[torch.Tensor, int]:
-    """The group of each position for a budget scope (its rollout, or one group) and the number of groups."""
+    """The group of each position for a budget scope (its rollout, or one group) and an upper bound of their number.
+
+    Rollouts (`seq_idx` values) are renumbered densely, `0, 1, ...` in increasing `seq_idx`, so that `N` groups always
+    suffice (empty ones keep nothing) and no host synchronisation is needed to count them.
+    """
     if budget_scope not in BUDGET_SCOPES:
         raise ValueError(f"budget_scope={budget_scope!r} is unknown; allowed values: {', '.join(BUDGET_SCOPES)}.")
     n = len(signals)
+    device = signals.entropy.device
     if budget_scope == "batch" or n == 0:
-        return torch.zeros(n, dtype=torch.long, device=signals.entropy.device), 1
-    groups = signals.seq_idx.long().to(signals.entropy.device)
-    return groups, int(groups.max()) + 1
+        return torch.zeros(n, dtype=torch.long, device=device), 1
+    return dense_ids(signals.seq_idx.long().to(device)), n
+
+
+def dense_ids(values: torch.Tensor) -> torch.Tensor:
+    """`values` renumbered `0, 1, ...` in increasing order of value (equal values, equal ids), without a sync."""
+    order = torch.sort(values, stable=True).indices
+    ordered = values[order]
+    step = torch.ones_like(ordered)
+    step[0] = 0
+    step[1:] = (ordered[1:] != ordered[:-1]).long()
+    ids = torch.empty_like(values)
+    ids[order] = torch.cumsum(step, 0)
+    return ids
 
 
 def _quotas_of(signals: TokenSignals, groups: torch.Tensor, num_groups: int, keep_ratio: float, rounding: str):
-    counts = torch.bincount(groups[signals.finite], minlength=num_groups)
-    return group_quotas(counts, keep_ratio, rounding)
+    return group_quotas(group_counts(groups, signals.finite, num_groups), keep_ratio, rounding)
 
 
 def scoped_top_k(

@@ -15,6 +15,7 @@ from .base import QUADRANTS, SelectionContext
 from .budget import (
     BUDGET_SCOPES,
     SCORE_ORDERS,
+    group_counts,
     group_quotas,
     grouped_top_k,
     gumbel_keys,
@@ -117,7 +118,7 @@ class EntropyDivergenceSample:
     def inclusion_probabilities(self, signals: TokenSignals) -> torch.Tensor:
         """`importance_weighted`: the probability `p_t` with which each token is kept (float64 `(N,)`)."""
         groups, num_groups = scoped_groups(signals, self.budget_scope)
-        counts = torch.bincount(groups[signals.finite], minlength=num_groups).double()
+        counts = group_counts(groups, signals.finite, num_groups).double()
         return poisson_inclusion_probabilities(self.weights(signals), groups, self.keep_ratio * counts, signals.finite)
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
@@ -128,7 +129,7 @@ class EntropyDivergenceSample:
             return torch.where(kept, 1.0 / probs.clamp_min(1e-300), torch.zeros_like(probs)).float()
         groups, num_groups = scoped_groups(signals, self.budget_scope)
         rounding = "floor" if self.budget_scope == "rollout" else "half_up"
-        quotas = group_quotas(torch.bincount(groups[signals.finite], minlength=num_groups), self.keep_ratio, rounding)
+        quotas = group_quotas(group_counts(groups, signals.finite, num_groups), self.keep_ratio, rounding)
         # Only finite positions are candidates: when fewer than the budget have a positive weight (H = 0 or D = 0),
         # the budget is filled with zero-weight finite positions, not with non-finite ones the trainer would drop.
         return grouped_top_k(gumbel_keys(self.weights(signals), context.generator), groups, quotas, signals.finite)
@@ -252,7 +253,7 @@ class QuadrantBudget:
     filled by descending entropy; places the high-entropy group cannot fill go back to Q3. Q4 tokens (confident and
     right) are never kept, so fewer than `K` tokens are kept when Q1–Q3 hold fewer than `K`.
 
-    This rule was named `tip` before trl-tip 0.3; the paper's rule, Soft-OR, is [`SoftOR`].
+    This rule was named `tip` in trl-tip 0.2; the paper's rule, Soft-OR, is [`SoftOR`].
     """
 
     def __init__(self, keep_ratio: float, q3_share: float = 0.5, budget_scope: str = "batch"):
@@ -267,9 +268,7 @@ class QuadrantBudget:
         q3 = (q == 3) & signals.finite
         uncertain = ((q == 1) | (q == 2)) & signals.finite
         groups, num_groups = scoped_groups(signals, self.budget_scope)
-        counts = torch.stack(
-            [torch.bincount(groups[mask], minlength=num_groups) for mask in (signals.finite, q3, uncertain)]
-        )
+        counts = torch.stack([group_counts(groups, mask, num_groups) for mask in (signals.finite, q3, uncertain)])
         rounding = "floor" if self.budget_scope == "rollout" else "half_up"
         k = group_quotas(counts[0], self.keep_ratio, rounding)
         n_q3, n_unc = counts[1], counts[2]

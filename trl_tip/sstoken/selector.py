@@ -15,7 +15,15 @@ from collections.abc import Callable
 import torch
 
 from ..selection.base import SelectionContext
-from ..selection.budget import BUDGET_SCOPES, SCORE_ORDERS, group_quotas, grouped_top_k, scoped_top_k
+from ..selection.budget import (
+    BUDGET_SCOPES,
+    SCORE_ORDERS,
+    dense_ids,
+    group_counts,
+    group_quotas,
+    grouped_top_k,
+    scoped_top_k,
+)
 from ..signals import TokenSignals
 
 
@@ -143,9 +151,9 @@ def per_sequence_top_k(
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=scores.device)
     valid = torch.ones(n, dtype=torch.bool, device=scores.device) if valid is None else valid
-    seq = seq_idx.long().to(scores.device)
-    counts = torch.bincount(seq[valid], minlength=int(seq.max()) + 1)
-    return grouped_top_k(scores, seq, group_quotas(counts, keep_ratio, "ceil"), valid)
+    groups = dense_ids(seq_idx.long().to(scores.device))
+    counts = group_counts(groups, valid, n)
+    return grouped_top_k(scores, groups, group_quotas(counts, keep_ratio, "ceil"), valid)
 
 
 class SSToken:
