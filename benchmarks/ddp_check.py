@@ -9,7 +9,8 @@ token counts). Each rank prints its thresholds and its `tip/...` statistics; ran
 * the mean over ranks of the per-rank losses, and the ranks' gradients averaged as DDP averages them, equal the
   one-process loss and gradients: the loss is normalised over all ranks' kept tokens,
 
-for rule `all`, for the deterministic rule `quadrants` (Q3, quantile thresholds) and, with two processes, for a
+for rule `all`, for the deterministic rules `quadrants` (Q3, quantile thresholds), `tip` (Soft-OR, normalised over all
+ranks) and `q3_score` (forward KL from the same pass), and, with two processes, for a
 selector that keeps nothing on rank 0 and everything on rank 1 (one process: the rows rank 1 takes), so one rank has
 zero kept tokens while the other has some. Then short `trainer.train()` runs with on-policy generation under DDP
 (`quadrants` Q3, and the zero-on-rank-0 selector, which must not hang) and the logged `tip/...` metrics of every
@@ -42,6 +43,10 @@ import torch.distributed as dist  # noqa: E402
 RULES = {
     "all": {"token_selection": "all"},
     "quadrants_q3": {"token_selection": "quadrants", "quadrants": ["Q3"]},
+    # The paper's score rules: per-rollout budgets on min-max axes normalised over every rank's tokens, so the
+    # selection (and loss, gradients, statistics) of a multi-process run is the one-process selection.
+    "tip": {"token_selection": "tip"},
+    "q3_score": {"token_selection": "q3_score", "keep_ratio": 0.5},
     "rank0_keeps_nothing": {"token_selection": "all"},
 }
 NUM_ROWS = 8

@@ -27,6 +27,35 @@ def test_keep_ratio_defaults_per_rule(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "rule, expected",
+    [
+        (
+            "tip",
+            {"keep_ratio": 0.5, "budget_scope": "rollout", "score_order": "highest", "entropy_clip_quantile": 0.98},
+        ),
+        ("q3_score", {"keep_ratio": 0.1, "budget_scope": "rollout", "score_order": "highest"}),
+        ("divergence_topk", {"keep_ratio": 0.1, "budget_scope": "rollout", "score_order": "highest"}),
+        ("entropy_sample", {"keep_ratio": 0.5, "budget_scope": "batch", "sampling_estimator": "fixed_budget"}),
+        ("entropy_topk", {"keep_ratio": 0.5, "budget_scope": "batch", "score_order": "highest"}),
+        ("random", {"keep_ratio": 0.5, "budget_scope": "batch", "score_order": None}),
+        ("quadrant_budget", {"keep_ratio": 0.5, "budget_scope": "batch", "q3_share": 0.5}),
+        ("sstoken", {"keep_ratio": 0.6, "budget_scope": "rollout", "score_order": "highest"}),
+        ("all", {"keep_ratio": None, "budget_scope": None, "entropy_clip_quantile": None}),
+    ],
+)
+def test_rule_defaults(tmp_path, rule, expected):
+    c = cfg(tmp_path, token_selection=rule)
+    assert {name: getattr(c, name) for name in expected} == expected
+
+
+def test_divergence_defaults_to_the_training_loss(tmp_path):
+    assert cfg(tmp_path).divergence == "loss"
+    # The loss axis may exceed 1 (a KL with beta=1); a fixed split is bounded by the axis.
+    c = cfg(tmp_path, beta=1.0, entropy_threshold=0.3, divergence_threshold=2.5)
+    assert c.divergence_threshold == 2.5
+
+
+@pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"token_selection": "top"}, "allowed values: all, random, entropy_topk"),
@@ -40,13 +69,59 @@ def test_keep_ratio_defaults_per_rule(tmp_path):
         ({"token_selection": "quadrants"}, "needs `quadrants`"),
         ({"token_selection": "quadrants", "quadrants": ["Q7"]}, "allowed values: Q1, Q2, Q3, Q4"),
         ({"token_selection": "tip", "quadrants": ["Q3"]}, "quadrants is only used with token_selection='quadrants'"),
-        ({"tip_q3_share": 1.5}, "tip_q3_share"),
-        ({"divergence": "tv"}, "allowed values: jsd, reverse_kl, forward_kl"),
+        ({"token_selection": "quadrant_budget", "q3_share": 1.5}, r"q3_share must be in \[0, 1\]"),
+        ({"token_selection": "tip", "q3_share": 0.5}, "q3_share only applies to token_selection='quadrant_budget'"),
+        ({"divergence": "tv"}, "allowed values: loss, reverse_kl, forward_kl, jsd"),
         ({"divergence_top_k": 0}, "divergence_top_k"),
+        (
+            {"divergence_top_k": 20},
+            "divergence_top_k does not apply to divergence='loss'.*reverse_kl, forward_kl, jsd",
+        ),
         ({"entropy_threshold": 0.5}, "Give both entropy_threshold and divergence_threshold"),
         ({"divergence_threshold": 0.5}, "Give both entropy_threshold and divergence_threshold"),
         ({"entropy_threshold": 1.5, "divergence_threshold": 0.5}, r"entropy_threshold must be in \[0, 1\]"),
-        ({"entropy_threshold": 0.5, "divergence_threshold": 2.0}, r"divergence_threshold must be \[0, 1\]"),
+        (
+            {"divergence": "jsd", "entropy_threshold": 0.5, "divergence_threshold": 2.0},
+            r"divergence_threshold must be \[0, 1\] for divergence='jsd'",
+        ),
+        (
+            {"entropy_threshold": 0.5, "divergence_threshold": -0.1},
+            "divergence_threshold must be >= 0 for divergence='loss'",
+        ),
+        (
+            {"token_selection": "tip", "budget_scope": "step"},
+            "budget_scope='step' is unknown; allowed values: rollout, batch",
+        ),
+        (
+            {"token_selection": "all", "budget_scope": "batch"},
+            "budget_scope only applies to token_selection='random' or",
+        ),
+        (
+            {"token_selection": "quadrants", "quadrants": ["Q3"], "budget_scope": "rollout"},
+            "budget_scope only applies",
+        ),
+        (
+            {"token_selection": "tip", "score_order": "top"},
+            "score_order='top' is unknown; allowed values: highest, lowest",
+        ),
+        (
+            {"token_selection": "entropy_sample", "score_order": "lowest"},
+            "score_order only applies to token_selection='entropy_topk' or 'tip' or 'q3_score' or 'divergence_topk' or 'sstoken'",
+        ),
+        ({"token_selection": "tip", "entropy_clip_quantile": 0.0}, r"entropy_clip_quantile must be in \(0, 1\]"),
+        ({"token_selection": "q3_score", "entropy_clip_quantile": 1.5}, r"entropy_clip_quantile must be in \(0, 1\]"),
+        (
+            {"token_selection": "divergence_topk", "entropy_clip_quantile": 0.9},
+            "entropy_clip_quantile only applies to token_selection='tip' or 'q3_score'",
+        ),
+        (
+            {"token_selection": "entropy_sample", "sampling_estimator": "unbiased"},
+            "sampling_estimator='unbiased' is unknown; allowed values: fixed_budget, importance_weighted",
+        ),
+        (
+            {"token_selection": "tip", "sampling_estimator": "importance_weighted"},
+            "sampling_estimator only applies to token_selection='entropy_sample' or 'entropy_divergence_sample'",
+        ),
         ({"entropy_threshold_quantile": 1.1}, "entropy_threshold_quantile"),
         ({"divergence_threshold_quantile": -0.1}, "divergence_threshold_quantile"),
         ({"tip_chunk_size": 0}, "tip_chunk_size"),

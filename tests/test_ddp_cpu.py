@@ -36,7 +36,7 @@ def test_two_process_cpu_launch_matches_one_process(tmp_path):
     result = _run([*launch, str(SCRIPT), "--out", out, "--train_steps", "2"])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    for rule in ("all", "quadrants_q3", "rank0_keeps_nothing"):
+    for rule in ("all", "quadrants_q3", "tip", "q3_score", "rank0_keeps_nothing"):
         assert f"[rank 0/2] rule={rule}" in output and f"[rank 1/2] rule={rule}" in output, output
     # Rank 0 keeps no token while rank 1 keeps all of its: same collectives on both, loss and gradients of one process.
     kept_here = {
@@ -45,7 +45,7 @@ def test_two_process_cpu_launch_matches_one_process(tmp_path):
         if (m := re.search(rf"\[rank {rank}/2\] rule=rank0_keeps_nothing rows=.*? kept here=(\d+) ", output))
     }
     assert kept_here.get(0) == 0 and kept_here.get(1, 0) > 0, output
-    assert output.count("-> PASS") == 3, output
+    assert output.count("-> PASS") == 5, output
     for rule in ("quadrants_q3", "rank0_keeps_nothing"):
         assert (
             f"train() rule={rule}: 2 DDP steps with generation, finite loss=True, tip/* logs identical on all ranks=True"

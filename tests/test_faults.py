@@ -83,6 +83,7 @@ FAULT_RULES = [
     ("all", {}),
     ("entropy_sample", {"keep_ratio": 0.5}),
     ("tip", {"keep_ratio": 0.5}),
+    ("q3_score", {"keep_ratio": 0.2}),
     ("entropy_topk", {"keep_ratio": 0.5}),
 ]
 
@@ -111,7 +112,7 @@ def test_nonfinite_logits_are_skipped_and_counted(tmp_path, student, teacher, to
     assert_finite_parameters(trainer.model)
 
 
-@pytest.mark.parametrize("rule", ["all", "tip"])
+@pytest.mark.parametrize("rule", ["all", "tip", "q3_score"])
 def test_nonfinite_teacher_rows_drop_out_of_the_loss_exactly(tmp_path, student, teacher, tokenizer, dataset, rule):
     """With corrupted teacher rows, the loss is the loss of the same batch with those positions unlabelled."""
     clean_teacher = copy.deepcopy(teacher)
@@ -194,7 +195,8 @@ ONE_QUADRANT_RULES = [
     ("entropy_divergence_sample", {"keep_ratio": 0.5}, 0.5),
     ("quadrants", {"quadrants": ["Q1"]}, 1.0),
     ("quadrants", {"quadrants": ["Q3"]}, 0.0),
-    ("tip", {"keep_ratio": 0.5}, 0.5),
+    ("quadrant_budget", {"keep_ratio": 0.5}, 0.5),
+    ("tip", {"keep_ratio": 0.5}, None),
 ]
 
 

@@ -141,7 +141,9 @@ def test_token_jsd_with_signals_equals_two_pass_path():
     targets = torch.randint(0, 17, (9,))
     idx = torch.arange(9)
     loss, values = token_jsd_with_signals(hidden, teacher_hidden, head, teacher_head, targets, 0.5, "jsd", 4)
-    ref = compute_token_signals(hidden.detach(), teacher_hidden, targets, head, teacher_head, idx, idx, chunk_size=4)
+    ref = compute_token_signals(
+        hidden.detach(), teacher_hidden, targets, head, teacher_head, idx, idx, divergence="jsd", chunk_size=4
+    )
     for name in ("entropy", "teacher_entropy", "divergence", "loss", "student_log_prob", "teacher_log_prob"):
         torch.testing.assert_close(values[name].double(), getattr(ref, name).double(), rtol=1e-5, atol=1e-6)
     assert torch.equal(values["finite"], ref.finite) and not values["finite"][4]

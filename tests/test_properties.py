@@ -1,5 +1,7 @@
 """Property-based tests: the selection rules on random signals keep their invariants."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,10 +12,10 @@ from trl_tip.selection import (
     EntropyDivergenceSample,
     EntropySample,
     EntropyTopK,
+    QuadrantBudget,
     QuadrantSubset,
     RandomTokens,
     SelectionContext,
-    TypeAware,
     assign_quadrants,
     budget,
 )
@@ -142,9 +144,9 @@ def test_entropy_topk_keeps_a_top_set_around_the_quantile(signals, keep_ratio):
 @given(
     signals=random_signals(), keep_ratio=keep_ratios, q3_share=st.floats(0.0, 1.0), h_thr=thresholds, d_thr=thresholds
 )
-def test_type_aware_fills_its_budget_from_q1_to_q3_by_rank(signals, keep_ratio, q3_share, h_thr, d_thr):
+def test_quadrant_budget_fills_its_budget_from_q1_to_q3_by_rank(signals, keep_ratio, q3_share, h_thr, d_thr):
     context = context_for(signals, h_thr, d_thr)
-    mask = TypeAware(keep_ratio, q3_share=q3_share)(signals, context)
+    mask = QuadrantBudget(keep_ratio, q3_share=q3_share)(signals, context)
     check_mask(mask, signals)
     q = context.quadrant
     assert not (mask & ~signals.finite).any()
@@ -174,7 +176,7 @@ def test_q3_keeps_exactly_the_finite_low_entropy_high_divergence_tokens(signals,
 def test_statistics_quadrant_fractions_sum_to_one(signals, h_thr, d_thr, keep_ratio):
     context = context_for(signals, h_thr, d_thr)
     stats = TIPStatistics()
-    for rule in (AllTokens(), TypeAware(keep_ratio), QuadrantSubset(["Q3"])):
+    for rule in (AllTokens(), QuadrantBudget(keep_ratio), QuadrantSubset(["Q3"])):
         # As `TIPTrainer.select_tokens` does: non-finite positions are dropped whatever the rule returns.
         weights = rule(signals, context).float() * signals.finite.float()
         stats.update(signals, context.quadrant, weights, h_thr, d_thr)
@@ -204,7 +206,8 @@ def test_sstoken_keeps_the_budget_of_each_sequence(signals, keep_ratio, gamma, s
     assert not (mask & ~signals.finite).any()
     for s in torch.unique(signals.seq_idx).tolist():
         in_seq = signals.seq_idx == s
-        assert int((mask & in_seq).sum()) == budget(int((in_seq & signals.finite).sum()), keep_ratio)
+        # ssToken's budget: ceil(keep_ratio * n) of each sequence's n finite tokens.
+        assert int((mask & in_seq).sum()) == math.ceil(keep_ratio * int((in_seq & signals.finite).sum()) - 1e-9)
     assert torch.equal(mask, rule(signals, context))
 
 
@@ -214,3 +217,97 @@ def test_all_tokens_keeps_every_position(signals, h_thr, d_thr):
     mask = AllTokens()(signals, context_for(signals, h_thr, d_thr))
     check_mask(mask, signals)
     assert bool(mask.all())
+
+
+def _floor_budget(n: int, keep_ratio: float) -> int:
+    return math.floor(keep_ratio * n + 1e-9)
+
+
+def _score_rules(keep_ratio, scope, order):
+    from trl_tip.selection import DivergenceTopK, Q3Score, SoftOR
+
+    return [
+        SoftOR(keep_ratio, budget_scope=scope, score_order=order),
+        SoftOR(keep_ratio, budget_scope=scope, score_order=order, entropy_clip_quantile=1.0),
+        Q3Score(keep_ratio, budget_scope=scope, score_order=order),
+        DivergenceTopK(keep_ratio, budget_scope=scope, score_order=order),
+        EntropyTopK(keep_ratio, budget_scope="rollout", score_order=order),
+    ]
+
+
+@SETTINGS
+@given(
+    signals=random_signals(),
+    keep_ratio=keep_ratios,
+    scope=st.sampled_from(["rollout", "batch"]),
+    order=st.sampled_from(["highest", "lowest"]),
+    seed=seeds,
+)
+def test_score_rules_keep_their_budget_in_score_order(signals, keep_ratio, scope, order, seed):
+    """Per rollout floor(rho * m) of its finite tokens (batch: rho * N rounded half up), never a non-finite token, and
+    every kept token scored at least (at most, for "lowest") as high as every dropped token of its group."""
+    g = torch.Generator().manual_seed(seed)
+    forward_kl = torch.where(signals.finite, torch.rand(len(signals), generator=g), torch.zeros(len(signals)))
+    for rule in _score_rules(keep_ratio, scope, order):
+        context = context_for(signals, 0.5, 0.5, seed, extras={"forward_kl": forward_kl})
+        mask = rule(signals, context)
+        check_mask(mask, signals)
+        assert not (mask & ~signals.finite).any(), rule
+        rule_scope = getattr(rule, "budget_scope", scope)
+        groups = torch.unique(signals.seq_idx).tolist() if rule_scope == "rollout" else [None]
+        scores = rule.scores(signals, context) if hasattr(rule, "scores") else signals.entropy.double()
+        for s in groups:
+            group = signals.finite & (signals.seq_idx == s if s is not None else torch.ones_like(signals.finite))
+            m = int(group.sum())
+            expected = _floor_budget(m, keep_ratio) if s is not None else budget(m, keep_ratio)
+            assert int((mask & group).sum()) == expected, (rule, s)
+            kept_s, dropped_s = scores[mask & group], scores[~mask & group]
+            if kept_s.numel() and dropped_s.numel():
+                if order == "highest":
+                    assert kept_s.min() >= dropped_s.max(), rule
+                else:
+                    assert kept_s.max() <= dropped_s.min(), rule
+        assert torch.equal(
+            mask, rule(signals, context_for(signals, 0.5, 0.5, seed, extras={"forward_kl": forward_kl}))
+        )
+
+
+@SETTINGS
+@given(signals=random_signals(), keep_ratio=keep_ratios, seed=seeds)
+def test_soft_or_scores_are_in_the_unit_interval_and_monotone(signals, keep_ratio, seed):
+    from trl_tip.selection import SoftOR, normalized_entropy_and_divergence
+
+    context = context_for(signals, 0.5, 0.5, seed)
+    h_hat, d_hat = normalized_entropy_and_divergence(signals, context)
+    scores = SoftOR(keep_ratio).scores(signals, context)
+    for values in (h_hat, d_hat, scores):
+        assert ((values >= 0) & (values <= 1)).all()
+        assert (values[~signals.finite] == 0).all()
+    # Soft-OR is at least each axis, at most their sum.
+    assert (scores >= torch.maximum(h_hat, d_hat) - 1e-12).all() and (scores <= h_hat + d_hat + 1e-12).all()
+
+
+@pytest.mark.parametrize("estimator", ["fixed_budget", "importance_weighted"])
+@SETTINGS
+@given(signals=random_signals(), keep_ratio=keep_ratios, seed=seeds)
+def test_entropy_sampling_per_rollout(estimator, signals, keep_ratio, seed):
+    rule = EntropySample(keep_ratio, budget_scope="rollout", estimator=estimator)
+    weights = rule(signals, context_for(signals, 0.5, 0.5, seed))
+    assert weights.shape == (len(signals),) and not (weights[~signals.finite] != 0).any()
+    for s in torch.unique(signals.seq_idx).tolist():
+        group = signals.finite & (signals.seq_idx == s)
+        m = int(group.sum())
+        if estimator == "fixed_budget":
+            assert int((weights.bool() & group).sum()) == _floor_budget(m, keep_ratio)
+        else:
+            p = rule.inclusion_probabilities(signals)
+            positive = group & (signals.entropy > 0)
+            # Σ p = rho * m when the positive-entropy tokens can carry it, else every one of them has p = 1.
+            target = keep_ratio * m
+            if int(positive.sum()) > target:
+                assert float(p[group].sum()) == pytest.approx(target, rel=1e-9, abs=1e-9)
+            else:
+                assert (p[positive] == 1).all()
+            assert ((p >= 0) & (p <= 1)).all() and (p[group & (signals.entropy == 0)] == 0).all()
+            kept = weights > 0
+            torch.testing.assert_close(weights[kept].double(), (1 / p[kept]).float().double())

@@ -6,10 +6,10 @@ from trl_tip.selection import (
     EntropyDivergenceSample,
     EntropySample,
     EntropyTopK,
+    QuadrantBudget,
     QuadrantSubset,
     RandomTokens,
     SelectionContext,
-    TypeAware,
     assign_quadrants,
     budget,
     sample_without_replacement,
@@ -141,18 +141,18 @@ def test_entropy_divergence_sample_weights():
         assert int(mask.sum()) == 2 and bool(mask[0])
 
 
-def test_type_aware_rule_definition():
+def test_quadrant_budget_rule_definition():
     s = make_signals(ENTROPY, DIVERGENCE)
     ctx = make_context(s)
     # N = 8, keep_ratio 0.5 -> K = 4; Q3 gets round(0.5 * 4) = 2 (tokens 2 and 4, by divergence), the uncertain
     # tokens (Q1/Q2: 0, 1, 5, 7) fill the other 2 by entropy: 0 (0.9) and 1 (0.8).
-    assert TypeAware(0.5)(s, ctx).nonzero().flatten().tolist() == [0, 1, 2, 4]
+    assert QuadrantBudget(0.5)(s, ctx).nonzero().flatten().tolist() == [0, 1, 2, 4]
     # Q3 share 1.0: only 2 Q3 tokens exist, the 2 left places go to the uncertain ones.
-    assert TypeAware(0.5, q3_share=1.0)(s, ctx).nonzero().flatten().tolist() == [0, 1, 2, 4]
+    assert QuadrantBudget(0.5, q3_share=1.0)(s, ctx).nonzero().flatten().tolist() == [0, 1, 2, 4]
     # Budget 2, Q3 share 0.5: one Q3 token (highest divergence: 2) and one uncertain (highest entropy: 0).
-    assert TypeAware(0.25)(s, ctx).nonzero().flatten().tolist() == [0, 2]
+    assert QuadrantBudget(0.25)(s, ctx).nonzero().flatten().tolist() == [0, 2]
     # Q4 is never kept even with the whole budget.
-    full = TypeAware(1.0)(s, ctx)
+    full = QuadrantBudget(1.0)(s, ctx)
     assert full.nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 7]
 
 
@@ -160,7 +160,7 @@ def test_nonfinite_positions_never_selected():
     finite = [True, False, True, True]
     s = make_signals([0.9, 0.95, 0.1, 0.2], [0.9, 0.95, 0.8, 0.1], finite=finite)
     ctx = make_context(s)
-    for rule in (RandomTokens(1.0), EntropyTopK(0.5), EntropySample(1.0), TypeAware(1.0)):
+    for rule in (RandomTokens(1.0), EntropyTopK(0.5), EntropySample(1.0), QuadrantBudget(1.0)):
         assert not bool(rule(s, ctx)[1]), rule
 
 

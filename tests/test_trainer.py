@@ -86,7 +86,7 @@ RULES = [
     ("entropy_sample", {"keep_ratio": 0.5}),
     ("entropy_divergence_sample", {"keep_ratio": 0.3, "entropy_alpha": 0.5, "divergence_gamma": 2.0}),
     ("quadrants", {"quadrants": ["Q3"]}),
-    ("tip", {"keep_ratio": 0.2}),
+    ("quadrant_budget", {"keep_ratio": 0.2}),
 ]
 
 
@@ -110,7 +110,7 @@ def test_train_end_to_end_logs_statistics(tmp_path, student, teacher, tokenizer,
             assert log["tip/q3/kept_frac"] == 1.0
             assert log["tip/q1/kept_frac"] == log["tip/q2/kept_frac"] == log["tip/q4/kept_frac"] == 0.0
             assert kept == pytest.approx(log["tip/q3/frac"])
-        elif rule == "tip":
+        elif rule == "quadrant_budget":
             assert log["tip/q4/kept_frac"] == 0.0
             assert kept == pytest.approx(options["keep_ratio"], abs=0.05)
         else:

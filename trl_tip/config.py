@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
 from ._compat import DistillationConfig, GKDConfig
 from .selection import QUADRANTS, parse_quadrants
-from .selection.registry import OPTIONS, RULES, get_rule
+from .selection.registry import OPTIONS, RULES, get_rule, option_default
 from .signals import DIVERGENCES
 
 
@@ -24,40 +24,63 @@ class TIPArguments:
     The token-selection options shared by [`TIPConfig`] and [`TIPDistillationConfig`].
 
     Each completion token gets two signals, the student entropy `H` (divided by `ln V`) and the teacher–student
-    divergence `D`. Thresholds on both split tokens into quadrants Q1 (high H, high D), Q2 (high H, low D), Q3 (low H,
-    high D: confident and wrong) and Q4 (low H, low D). A selection rule keeps a subset, and the distillation loss is
-    computed on the kept tokens only.
+    divergence `D` (by default the token's training loss; with `beta=1` the TIP paper's `KL(student || teacher)`). A
+    selection rule keeps a subset, and the distillation loss is computed on the kept tokens only. Median thresholds on
+    both axes split tokens into quadrants Q1 (high H, high D), Q2 (high H, low D), Q3 (low H, high D: confident and
+    wrong) and Q4 (low H, low D) for the logged statistics and the quadrant rules. See `docs/fidelity.md` for how each
+    rule maps to the TIP and ssToken papers.
 
     Parameters:
         > Parameters that control which tokens are trained on
 
         token_selection (`str`, *optional*, defaults to `"entropy_sample"`):
-            Selection rule: `"all"` (every token, exactly the trainer's own loss), `"random"`, `"entropy_topk"`,
-            `"entropy_sample"`, `"entropy_divergence_sample"`, `"quadrants"`, `"tip"` or `"sstoken"`.
+            Selection rule. The TIP paper's: `"tip"` (Soft-OR, Eq. 7–8), `"q3_score"` (Q3-only, Section 7.3),
+            `"entropy_sample"` (entropy sampling, Table 3), `"divergence_topk"` (Table 8 ablation); ssToken's:
+            `"sstoken"`; trl-tip's own: `"all"` (every token, exactly the trainer's own loss), `"random"`,
+            `"entropy_topk"`, `"entropy_divergence_sample"`, `"quadrants"`, `"quadrant_budget"`.
         keep_ratio (`float`, *optional*):
             Share of the eligible tokens kept by the budgeted rules, in `(0, 1]`. Defaults to the rule's own default
-            (`0.5`; `0.6` for `sstoken`, which keeps it per sequence); must stay unset for `all` and `quadrants`.
+            (`0.5`; `0.1` for `q3_score` and `divergence_topk`; `0.6` for `sstoken`); must stay unset for `all` and
+            `quadrants`.
+        budget_scope (`str`, *optional*):
+            Budgeted rules: `"rollout"` (the share of each rollout, `⌊keep_ratio · m⌋` of its `m` tokens; `⌈·⌉` for
+            `sstoken`) or `"batch"` (the share of the process's micro-batch, rounded half up; `entropy_topk` cuts at a
+            quantile over all processes). Default `"rollout"` for `tip`, `q3_score`, `divergence_topk` and `sstoken`,
+            `"batch"` for the others.
+        score_order (`str`, *optional*):
+            `tip`, `q3_score`, `divergence_topk`, `entropy_topk`, `sstoken` (default `"highest"`): `"lowest"` keeps
+            the lowest-scored tokens instead (the paper's Table 6 control is `tip` with `"lowest"`).
+        entropy_clip_quantile (`float`, *optional*):
+            `tip`, `q3_score` (default `0.98`): the entropy is clipped at this quantile of the micro-batch's tokens
+            over all processes before its min–max normalisation, in `(0, 1]` (`1` clips nothing).
         entropy_alpha (`float`, *optional*):
             `entropy_sample` and `entropy_divergence_sample` (default `1.0`): exponent `alpha` on the entropy in the
             sampling weight `H^alpha * D^gamma`.
         divergence_gamma (`float`, *optional*):
             `entropy_divergence_sample` (default `1.0`): exponent `gamma` on the divergence in the sampling weight.
+        sampling_estimator (`str`, *optional*):
+            `entropy_sample`, `entropy_divergence_sample` (default `"fixed_budget"`): `"fixed_budget"` draws exactly
+            the budget without replacement; `"importance_weighted"` (TIP Appendix A.3) keeps each token independently
+            with probability `p = min(1, c · weight)` (expected share `keep_ratio`), weights it `1 / p` and divides
+            the loss by the eligible count, an unbiased estimate of the all-token loss.
         quadrants (`list[str]`, *optional*):
             `quadrants` only: quadrants kept, e.g. `["Q3"]` or `["Q1", "Q3"]`.
-        tip_q3_share (`float`, *optional*):
-            `tip` only (default `0.5`): share of the budget reserved for Q3 tokens.
+        q3_share (`float`, *optional*):
+            `quadrant_budget` only (default `0.5`): share of the budget reserved for Q3 tokens.
 
         > Parameters that control the signals and the quadrant split
 
-        divergence (`str`, *optional*, defaults to `"jsd"`):
-            Divergence of the second axis: `"jsd"` (symmetric, divided by `ln 2`, in `[0, 1]`), `"reverse_kl"`
-            (`KL(student || teacher)`) or `"forward_kl"` (`KL(teacher || student)`).
+        divergence (`str`, *optional*, defaults to `"loss"`):
+            Divergence of the second axis: `"loss"` (the token's training loss, the generalized JSD with `beta`; the
+            paper's `KL(student || teacher)` with `beta=1`, at no extra cost), `"reverse_kl"`
+            (`KL(student || teacher)`), `"forward_kl"` (`KL(teacher || student)`) or `"jsd"` (symmetric, divided by
+            `ln 2`, in `[0, 1]`).
         divergence_top_k (`int`, *optional*):
-            Restrict the divergence to the teacher's top-k tokens, renormalised.
+            Restrict the divergence to the teacher's top-k tokens, renormalised (not with `divergence="loss"`).
         entropy_threshold (`float`, *optional*):
             Fixed entropy split of the quadrants, in `[0, 1]`. Give both fixed thresholds or neither.
         divergence_threshold (`float`, *optional*):
-            Fixed divergence split of the quadrants (in `[0, 1]` for `jsd`, `>= 0` for the KLs).
+            Fixed divergence split of the quadrants (in `[0, 1]` for `jsd`, `>= 0` for the others).
         entropy_threshold_quantile (`float`, *optional*, defaults to `0.5`):
             Without fixed thresholds, the entropy split is this quantile of the step's eligible tokens over all
             processes (`0.5`: the median).
@@ -75,30 +98,59 @@ class TIPArguments:
             Default `"nll"`: per-token loss of REL, `"nll"` (of the sampled token, the paper's definition) or
             `"divergence"` (the token's distillation loss to the teacher).
         sstoken_history (`str`, *optional*):
-            Default `"ema"`: history model, `"ema"` of the student's trainable weights or `"fixed"` (the initial
-            student).
+            Default `"fixed"`: history model, `"fixed"` (the student before training, as in the paper: for a LoRA
+            student its base model with the adapter disabled, no copy; for a full student a frozen copy) or `"ema"`
+            (an EMA of the student's trainable weights).
         sstoken_ema_decay (`float`, *optional*):
-            With `ema` history (default `0.9`): decay `alpha` of `θ_his ← alpha θ_his + (1 − alpha) θ`.
+            With `ema` history (default `0.9`, trl-tip's choice): decay `alpha` of `θ_his ← alpha θ_his + (1 − alpha) θ`.
         sstoken_ema_update_interval (`int`, *optional*):
             With `ema` history (default `1`): optimizer steps between EMA updates.
         sstoken_history_device (`str`, *optional*):
-            Default `"same"`: where the history copy lives, `"same"` (the student's device) or `"cpu"`.
+            Default `"same"`: where a history copy lives, `"same"` (the student's device) or `"cpu"`.
+        sstoken_warmup_ratio (`float`, *optional*):
+            Default `0.2` (the paper's ~20%): share of `max_steps` at the start of training that selects by the
+            attention score alone, in `[0, 1)`. Give it or `sstoken_warmup_steps`, not both.
         sstoken_warmup_steps (`int`, *optional*):
-            Default `0`: first optimizer steps that select by the attention score alone.
+            First optimizer steps that select by the attention score alone (instead of `sstoken_warmup_ratio`).
+        sstoken_attention_layer (`int`, *optional*):
+            Default `-1` (the last): decoder layer whose attention gives the semantic score; Python indexing.
     """
 
     token_selection: str = field(
         default="entropy_sample",
         metadata={
-            "help": "Selection rule: `all` (every token, exactly the trainer's own loss), `random`, `entropy_topk`, "
-            "`entropy_sample`, `entropy_divergence_sample`, `quadrants`, `tip` or `sstoken`.",
+            "help": "Selection rule. The TIP paper's: `tip` (Soft-OR), `q3_score`, `entropy_sample`, "
+            "`divergence_topk`; ssToken's: `sstoken`; trl-tip's: `all` (exactly the trainer's own loss), `random`, "
+            "`entropy_topk`, `entropy_divergence_sample`, `quadrants`, `quadrant_budget`.",
         },
     )
     keep_ratio: float | None = field(
         default=None,
         metadata={
             "help": "Share of the eligible tokens kept by the budgeted rules, in (0, 1]. Defaults to the rule's "
-            "default (0.5; 0.6 for sstoken, per sequence); leave unset for `all` and `quadrants`."
+            "default (0.5; 0.1 for q3_score and divergence_topk; 0.6 for sstoken); leave unset for `all` and "
+            "`quadrants`."
+        },
+    )
+    budget_scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "Budgeted rules: `rollout` (keep_ratio of each rollout) or `batch` (of the process's micro-batch). "
+            "Default `rollout` for tip, q3_score, divergence_topk, sstoken; `batch` for the others.",
+        },
+    )
+    score_order: str | None = field(
+        default=None,
+        metadata={
+            "help": "tip, q3_score, divergence_topk, entropy_topk, sstoken (default `highest`): `lowest` keeps the "
+            "lowest-scored tokens (the paper's bottom-k control).",
+        },
+    )
+    entropy_clip_quantile: float | None = field(
+        default=None,
+        metadata={
+            "help": "tip, q3_score (default 0.98): quantile of the micro-batch's entropies the entropy is clipped at "
+            "before min-max normalisation, in (0, 1] (1 = no clipping)."
         },
     )
     entropy_alpha: float | None = field(
@@ -115,24 +167,36 @@ class TIPArguments:
             "(>= 0)."
         },
     )
+    sampling_estimator: str | None = field(
+        default=None,
+        metadata={
+            "help": "entropy_sample, entropy_divergence_sample (default `fixed_budget`): `fixed_budget` (draw the "
+            "budget without replacement) or `importance_weighted` (Poisson sampling, 1/p weights, loss divided by the "
+            "eligible count: unbiased).",
+        },
+    )
     quadrants: list[str] | None = field(
         default=None,
         metadata={"help": "quadrants only: quadrants kept, e.g. `Q3` or `Q1 Q3`."},
     )
-    tip_q3_share: float | None = field(
+    q3_share: float | None = field(
         default=None,
-        metadata={"help": "tip only (default 0.5): share of the budget reserved for Q3 (low H, high D) tokens."},
+        metadata={"help": "quadrant_budget only (default 0.5): share of the budget reserved for Q3 tokens."},
     )
     divergence: str = field(
-        default="jsd",
+        default="loss",
         metadata={
-            "help": "Divergence of the second axis: `jsd` (symmetric, divided by ln 2), `reverse_kl` or `forward_kl`.",
+            "help": "Divergence of the second axis: `loss` (the per-token training loss; KL(student || teacher) with "
+            "beta=1), `reverse_kl`, `forward_kl` or `jsd` (symmetric, divided by ln 2).",
             "choices": list(DIVERGENCES),
         },
     )
     divergence_top_k: int | None = field(
         default=None,
-        metadata={"help": "Restrict the divergence to the teacher's top-k tokens, renormalised (>= 1)."},
+        metadata={
+            "help": "Restrict the divergence to the teacher's top-k tokens, renormalised (>= 1; not with "
+            "divergence=loss)."
+        },
     )
     entropy_threshold: float | None = field(
         default=None,
@@ -141,7 +205,7 @@ class TIPArguments:
     divergence_threshold: float | None = field(
         default=None,
         metadata={
-            "help": "Fixed divergence split of the quadrants ([0, 1] for jsd, >= 0 for the KLs). Give both fixed "
+            "help": "Fixed divergence split of the quadrants ([0, 1] for jsd, >= 0 for the others). Give both fixed "
             "thresholds or neither."
         },
     )
@@ -178,8 +242,8 @@ class TIPArguments:
     sstoken_history: str | None = field(
         default=None,
         metadata={
-            "help": "sstoken only (default `ema`): history model, `ema` (EMA of the student's trainable weights) or "
-            "`fixed` (the initial student).",
+            "help": "sstoken only (default `fixed`): history model, `fixed` (the student before training: a LoRA "
+            "student's base model with the adapter disabled, or a frozen copy) or `ema` (EMA of the trainable weights).",
         },
     )
     sstoken_ema_decay: float | None = field(
@@ -192,13 +256,28 @@ class TIPArguments:
     )
     sstoken_history_device: str | None = field(
         default=None,
+        metadata={"help": "sstoken (default `same`): where a history copy lives, `same` (student's device) or `cpu`."},
+    )
+    sstoken_warmup_ratio: float | None = field(
+        default=None,
         metadata={
-            "help": "sstoken (default `same`): where the history weights live, `same` (student's device) or `cpu`."
+            "help": "sstoken (default 0.2): share of max_steps at the start that selects by the attention score "
+            "alone, in [0, 1). Give it or sstoken_warmup_steps, not both."
         },
     )
     sstoken_warmup_steps: int | None = field(
         default=None,
-        metadata={"help": "sstoken (default 0): first optimizer steps that select by the attention score alone."},
+        metadata={
+            "help": "sstoken: first optimizer steps that select by the attention score alone (instead of "
+            "sstoken_warmup_ratio)."
+        },
+    )
+    sstoken_attention_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "sstoken (default -1, the last): decoder layer whose prompt attention is the semantic score "
+            "(Python indexing)."
+        },
     )
 
     def validate_tip_arguments(self) -> None:
@@ -241,7 +320,7 @@ class TIPArguments:
             if getattr(self, name) is None:
                 if name in rule.required:
                     raise ValueError(self._missing_option_message(rule.name, name))
-                setattr(self, name, spec.default)
+                setattr(self, name, option_default(rule, name))
             value = getattr(self, name)
             if spec.check is not None and value is not None:
                 message = spec.check(value)
@@ -265,8 +344,15 @@ class TIPArguments:
     def _validate_signal_options(self) -> None:
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r} is unknown; allowed values: {', '.join(DIVERGENCES)}.")
-        if self.divergence_top_k is not None and self.divergence_top_k < 1:
-            raise ValueError(f"divergence_top_k must be a positive integer or None, got {self.divergence_top_k}.")
+        if self.divergence_top_k is not None:
+            if self.divergence_top_k < 1:
+                raise ValueError(f"divergence_top_k must be a positive integer or None, got {self.divergence_top_k}.")
+            if self.divergence == "loss":
+                allowed = ", ".join(d for d in DIVERGENCES if d != "loss")
+                raise ValueError(
+                    "divergence_top_k does not apply to divergence='loss' (the training loss has no top-k form); use "
+                    f"divergence_top_k with divergence among {allowed}, or leave divergence_top_k unset."
+                )
         fixed = (self.entropy_threshold is not None, self.divergence_threshold is not None)
         if fixed[0] != fixed[1]:
             raise ValueError(

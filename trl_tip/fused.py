@@ -173,7 +173,7 @@ def chunk_signals(
     teacher_logits: torch.Tensor,
     targets: torch.Tensor,
     beta: float = 0.5,
-    divergence: str = "jsd",
+    divergence: str = "loss",
     with_grad: bool = False,
     temperature: float = 1.0,
     extra: tuple[str, ...] = (),

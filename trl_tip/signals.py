@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from .fused import chunk_signals
 
 
-DIVERGENCES = ("jsd", "reverse_kl", "forward_kl", "loss")
+# The second axis: the per-token training loss (default; the TIP paper's KL(student || teacher) with beta = 1) or one of
+# the divergences computed from the logits.
+DIVERGENCES = ("loss", "reverse_kl", "forward_kl", "jsd")
 # Divergences a selector may ask for in `requires` besides the axis: computed in the same chunked pass (temperature 1).
 LOGIT_SIGNALS = ("jsd", "reverse_kl", "forward_kl")
 
@@ -143,7 +145,7 @@ class TokenSignals:
 
     Attributes:
         entropy: Student entropy divided by `ln V`, in `[0, 1]`.
-        divergence: Teacher–student divergence (`TIPConfig.divergence`).
+        divergence: Teacher–student divergence (`TIPConfig.divergence`; by default the per-token loss).
         loss: Per-token training loss before selection (generalized JSD with `beta`, as in GKD).
         student_log_prob: Student log-probability of the token that follows (the sampled token on-policy).
         teacher_log_prob: Teacher log-probability of the same token.
@@ -186,7 +188,7 @@ def compute_token_signals(
     seq_idx: torch.Tensor,
     pos_idx: torch.Tensor,
     beta: float = 0.5,
-    divergence: str = "jsd",
+    divergence: str = "loss",
     divergence_top_k: int | None = None,
     chunk_size: int = 1024,
     extra: tuple[str, ...] = (),
@@ -204,9 +206,9 @@ def compute_token_signals(
         seq_idx (`torch.Tensor`): Batch row of each position, shape `(N,)`.
         pos_idx (`torch.Tensor`): Position in the row of each position, shape `(N,)`.
         beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD training loss.
-        divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis, `"loss"` or one of
-            [`divergence_from_logits`]'s.
-        divergence_top_k (`int`, *optional*): Teacher top-k restriction of the divergence.
+        divergence (`str`, *optional*, defaults to `"loss"`): Divergence of the second axis, `"loss"` (the per-token
+            loss itself, at the trainer's temperature) or one of [`divergence_from_logits`]'s.
+        divergence_top_k (`int`, *optional*): Teacher top-k restriction of the divergence (not with `"loss"`).
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
         extra (`tuple[str, ...]`, *optional*): Further divergences (`LOGIT_SIGNALS`) to compute in the same pass.
         temperature (`float`, *optional*, defaults to `1.0`): Temperature of the per-token loss (`loss`, and the
@@ -216,6 +218,10 @@ def compute_token_signals(
     Returns:
         [`TokenSignals`]: The signals of the `N` positions (and the dict of `extra` divergences if `return_extra`).
     """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is unknown; allowed values: {', '.join(DIVERGENCES)}.")
+    if divergence_top_k is not None and divergence == "loss":
+        raise ValueError("divergence_top_k does not apply to divergence='loss' (the training loss has no top-k form).")
     n = targets.numel()
     device = targets.device
     names = ("entropy", "tent", "divergence", "loss", "slp", "tlp")

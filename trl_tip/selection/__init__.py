@@ -12,16 +12,20 @@ from .base import (
     top_k_mask,
     validate_selection,
 )
+from .budget import BUDGET_SCOPES, SCORE_ORDERS, group_quotas, grouped_top_k, scoped_top_k
 from .compose import Intersect, Union
+from .normalize import MinMax, fit_minmax, nan_quantile
+from .paper import DivergenceTopK, Q3Score, SoftOR, normalized_entropy_and_divergence
 from .registry import RULES, OptionSpec, RuleSpec, build_selector, get_rule, register_option, register_rule
 from .rules import (
+    SAMPLING_ESTIMATORS,
     AllTokens,
     EntropyDivergenceSample,
     EntropySample,
     EntropyTopK,
+    QuadrantBudget,
     QuadrantSubset,
     RandomTokens,
-    TypeAware,
     parse_quadrants,
 )
 
@@ -37,30 +41,43 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BUDGET_SCOPES",
     "QUADRANTS",
     "RULES",
+    "SAMPLING_ESTIMATORS",
+    "SCORE_ORDERS",
     "TOKEN_SELECTIONS",
     "AllTokens",
+    "DivergenceTopK",
     "EntropyDivergenceSample",
     "EntropySample",
     "EntropyTopK",
     "Intersect",
+    "MinMax",
     "OptionSpec",
+    "Q3Score",
+    "QuadrantBudget",
     "QuadrantSubset",
     "RandomTokens",
     "RuleSpec",
     "SelectionContext",
+    "SoftOR",
     "TokenSelector",
-    "TypeAware",
     "Union",
     "assign_quadrants",
     "budget",
     "build_selector",
+    "fit_minmax",
     "get_rule",
+    "group_quotas",
+    "grouped_top_k",
+    "nan_quantile",
+    "normalized_entropy_and_divergence",
     "parse_quadrants",
     "register_option",
     "register_rule",
     "sample_without_replacement",
+    "scoped_top_k",
     "top_k_mask",
     "validate_selection",
 ]

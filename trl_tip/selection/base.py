@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..signals import TokenSignals
+from .budget import gumbel_keys
 
 
 QUADRANTS = ("Q1", "Q2", "Q3", "Q4")
@@ -40,7 +41,8 @@ class SelectionContext:
         gather: Concatenates a 1-D tensor over all processes (identity on one process); use it to compute
             thresholds that every rank must share.
         extras: Extra per-token inputs of shape `(N,)` that the selector asked for in its `requires` attribute
-            (e.g. `"history_nll"`, `"history_divergence"`, `"prompt_attention"`); computed only when asked.
+            (`"forward_kl"`, `"reverse_kl"`, `"jsd"` from the signals pass; `"history_nll"`, `"history_divergence"`,
+            `"prompt_attention"` from the trainer); computed only when asked.
         training: Whether the micro-batch is a training one (selectors with metrics accumulate only then).
     """
 
@@ -104,8 +106,8 @@ def assign_quadrants(
 
 
 def budget(n: int, keep_ratio: float) -> int:
-    """Number of tokens a ratio keeps out of `n`: `keep_ratio * n` rounded half up."""
-    return min(n, int(math.floor(keep_ratio * n + 0.5)))
+    """Number of tokens a ratio keeps out of `n` with `budget_scope="batch"`: `keep_ratio * n` rounded half up."""
+    return min(n, int(math.floor(keep_ratio * n + 0.5 + 1e-9)))
 
 
 def top_k_mask(
@@ -157,17 +159,7 @@ def sample_without_replacement(
     Returns:
         `torch.Tensor`: Boolean mask of shape `(N,)` with `min(k, number of candidates)` positions set.
     """
-    n = weights.numel()
-    uniform = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
-    gumbel = -torch.log(-torch.log(uniform))
-    if weights.device.type == "cuda":
-        # A copy from pinned memory does not wait for the GPU queue (one from pageable memory does).
-        gumbel = gumbel.pin_memory().to(weights.device, non_blocking=True)
-    else:
-        gumbel = gumbel.to(weights.device)
-    w = weights.double()
-    positive = w > 0
-    keys = torch.where(positive, torch.log(torch.where(positive, w, 1.0)) + gumbel, gumbel - 1e6)
+    keys = gumbel_keys(weights, generator)
     return top_k_mask(keys, k, candidates, num_candidates)
 
 

@@ -9,11 +9,20 @@ validated config. A rule-specific option defaults to `None` in the config and is
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
-__all__ = ["RULES", "OptionSpec", "RuleSpec", "build_selector", "get_rule", "register_option", "register_rule"]
+__all__ = [
+    "RULES",
+    "OptionSpec",
+    "RuleSpec",
+    "build_selector",
+    "get_rule",
+    "option_default",
+    "register_option",
+    "register_rule",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class RuleSpec:
         budgeted: Whether the rule keeps a share of the tokens (reads `keep_ratio`).
         default_keep_ratio: `keep_ratio` when left unset (budgeted rules only).
         options: Rule-specific options the rule reads (names of registered [`OptionSpec`]s).
+        defaults: This rule's own defaults of some of its options (e.g. `budget_scope="rollout"`), overriding the
+            option's default.
         required: Options the rule cannot do without (no default).
         summary: One line for the help text and the docs.
         source: Where the rule comes from (e.g. `"TIP Eq. 7-8"`), or `"trl-tip"` for our own.
@@ -53,6 +64,7 @@ class RuleSpec:
     budgeted: bool
     default_keep_ratio: float | None = None
     options: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
     required: tuple[str, ...] = ()
     summary: str = ""
     source: str = "trl-tip"
@@ -80,8 +92,16 @@ def register_rule(spec: RuleSpec) -> RuleSpec:
         raise ValueError(f"Rule {spec.name!r} reads unregistered options {unknown}; register them first.")
     if spec.budgeted and not spec.default_keep_ratio:
         raise ValueError(f"Budgeted rule {spec.name!r} needs a default_keep_ratio.")
+    stray = sorted(set(spec.defaults) - set(spec.options))
+    if stray:
+        raise ValueError(f"Rule {spec.name!r} gives defaults for options it does not read: {stray}.")
     RULES[spec.name] = spec
     return spec
+
+
+def option_default(rule: RuleSpec, name: str) -> Any:
+    """The value option `name` takes for `rule` when left unset: the rule's own default, else the option's."""
+    return rule.defaults[name] if name in rule.defaults else OPTIONS[name].default
 
 
 def get_rule(name: str) -> RuleSpec:

@@ -1,11 +1,11 @@
 """ssToken (Self-modulated and Semantic-aware Token selection): retrospective excess loss against a history model plus
-last-layer prompt attention, top-k per sequence. Everything ssToken needs lives in this package: the selector and its
-score ([`SSToken`]), the history model ([`ModelHistory`]), the attention score, the EMA callback, and the rule's
-registration with its options and defaults."""
+prompt attention (last layer by default), top-k per sequence. Everything ssToken needs lives in this package: the
+selector and its score ([`SSToken`]), the history model ([`ModelHistory`]), the attention score, the EMA and warm-up
+callbacks, and the rule's registration with its options and defaults."""
 
-from .attention import capture_last_attention_inputs, prompt_attention_mass
-from .callback import HistoryEMACallback
-from .history import HISTORY_DEVICES, HISTORY_MODES, ModelHistory
+from .attention import capture_attention_inputs, capture_last_attention_inputs, prompt_attention_mass
+from .callback import HistoryEMACallback, SSTokenWarmupCallback
+from .history import HISTORY_DEVICES, HISTORY_MODES, ModelHistory, adapter_is_noop
 from .selector import (
     DEFAULT_SSTOKEN_LOSS,
     PROMPT_ATTENTION,
@@ -30,6 +30,9 @@ __all__ = [
     "HistoryEMACallback",
     "ModelHistory",
     "SSToken",
+    "SSTokenWarmupCallback",
+    "adapter_is_noop",
+    "capture_attention_inputs",
     "capture_last_attention_inputs",
     "history_requirement",
     "per_sequence_minmax",

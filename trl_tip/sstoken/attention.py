@@ -1,10 +1,11 @@
-"""ssToken's semantic score: the attention mass each completion token puts on the prompt in the last layer.
+"""ssToken's semantic score: the attention mass each completion token puts on the prompt in one layer (the last).
 
 Models run with SDPA or FlashAttention never materialise attention weights, and `output_attentions=True` would build
-`(B, heads, T, T)` weights for every layer. Instead, a forward pre-hook captures the inputs of the last decoder layer's
-self-attention during the student forward that runs anyway, and [`prompt_attention_mass`] recomputes only the rows of
-the completion positions from them, a chunk of positions at a time, with the layer's own q/k projections, q/k norms
-(if any), rotary embedding, GQA head repeat, causal + padding (+ sliding-window) mask and softmax.
+`(B, heads, T, T)` weights for every layer. Instead, a forward pre-hook captures the inputs of a decoder layer's
+self-attention (the last by default, `sstoken_attention_layer`) during the student forward that runs anyway, and
+[`prompt_attention_mass`] recomputes only the rows of the completion positions from them, a chunk of positions at a
+time, with the layer's own q/k projections, q/k norms (if any), rotary embedding, GQA head repeat, causal + padding
+(+ sliding-window) mask and softmax.
 """
 
 from __future__ import annotations
@@ -19,27 +20,51 @@ import torch
 import torch.nn as nn
 
 
-__all__ = ["AttentionInputs", "capture_last_attention_inputs", "prompt_attention_mass", "prompt_mass_from_qk"]
+__all__ = [
+    "AttentionInputs",
+    "capture_attention_inputs",
+    "capture_last_attention_inputs",
+    "decoder_self_attentions",
+    "prompt_attention_mass",
+    "prompt_mass_from_qk",
+    "self_attention_layer",
+]
 
 
 @dataclass
 class AttentionInputs:
-    """What the last self-attention received: its module, normed hidden states `(B, T, d)` and `(cos, sin)`."""
+    """What the captured self-attention received: its module, normed hidden states `(B, T, d)` and `(cos, sin)`."""
 
     module: nn.Module
     hidden_states: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def last_self_attention(lm: nn.Module) -> nn.Module:
-    """The self-attention module of the last decoder layer of a causal LM (the last module with a `self_attn`)."""
+def decoder_self_attentions(lm: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a causal LM's decoder layers, in order (every module with a `self_attn`)."""
     layers = [m for m in lm.modules() if isinstance(getattr(m, "self_attn", None), nn.Module)]
     if not layers:
         raise ValueError(
             f"Cannot find decoder layers with a `self_attn` module in {type(lm).__name__}; the ssToken attention score "
             "supports Llama-style decoders (Llama, Qwen2/3, Mistral, Gemma, ...)."
         )
-    attn = layers[-1].self_attn
+    return [layer.self_attn for layer in layers]
+
+
+def self_attention_layer(lm: nn.Module, layer: int = -1) -> nn.Module:
+    """The self-attention module of decoder layer `layer` (Python indexing: `-1` is the last) of a causal LM.
+
+    Raises:
+        ValueError: if `layer` is out of range (naming the allowed values), or the module cannot be recomputed.
+    """
+    attentions = decoder_self_attentions(lm)
+    n = len(attentions)
+    if int(layer) != layer or not -n <= layer < n:
+        raise ValueError(
+            f"sstoken_attention_layer={layer} is out of range for {type(lm).__name__} with {n} decoder layers; "
+            f"allowed values: {-n}..{n - 1} (-1 is the last layer)."
+        )
+    attn = attentions[int(layer)]
     for name in ("q_proj", "k_proj"):
         if not isinstance(getattr(attn, name, None), nn.Module):
             raise ValueError(
@@ -52,10 +77,15 @@ def last_self_attention(lm: nn.Module) -> nn.Module:
     return attn
 
 
+def last_self_attention(lm: nn.Module) -> nn.Module:
+    """The self-attention module of the last decoder layer of a causal LM."""
+    return self_attention_layer(lm, -1)
+
+
 @contextmanager
-def capture_last_attention_inputs(lm: nn.Module) -> Iterator[AttentionInputs]:
-    """Within the block, records the inputs of the first call of `lm`'s last self-attention (detached)."""
-    attn = last_self_attention(lm)
+def capture_attention_inputs(lm: nn.Module, layer: int = -1) -> Iterator[AttentionInputs]:
+    """Within the block, records the inputs of the first call of `lm`'s self-attention of layer `layer` (detached)."""
+    attn = self_attention_layer(lm, layer)
     record = AttentionInputs(module=attn)
 
     def hook(module, args, kwargs):
@@ -76,6 +106,11 @@ def capture_last_attention_inputs(lm: nn.Module) -> Iterator[AttentionInputs]:
         yield record
     finally:
         handle.remove()
+
+
+def capture_last_attention_inputs(lm: nn.Module):
+    """[`capture_attention_inputs`] of the last decoder layer."""
+    return capture_attention_inputs(lm, -1)
 
 
 def prompt_mass_from_qk(
@@ -117,10 +152,10 @@ def prompt_attention_mass(
     query_pos: torch.Tensor,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Recomputes the last layer's attention rows of `query_pos` and returns their mass on the prompt.
+    """Recomputes the captured layer's attention rows of `query_pos` and returns their mass on the prompt.
 
     Args:
-        inputs ([`AttentionInputs`]): Captured by [`capture_last_attention_inputs`] during the forward.
+        inputs ([`AttentionInputs`]): Captured by [`capture_attention_inputs`] during the forward.
         attention_mask (`torch.Tensor`): The `(B, T)` padding mask of the forward (1 = real token).
         prompt_mask (`torch.Tensor`): Boolean `(B, T)`, the prompt tokens of each row.
         seq_idx (`torch.Tensor`): Row of each query, shape `(N,)`.
@@ -131,7 +166,7 @@ def prompt_attention_mass(
         `torch.Tensor`: Float32 `(N,)`, the attention mass on the prompt averaged over heads.
     """
     if inputs.hidden_states is None:
-        raise RuntimeError("The last self-attention did not run inside capture_last_attention_inputs.")
+        raise RuntimeError("The captured self-attention did not run inside capture_attention_inputs.")
     attn = inputs.module
     hidden = inputs.hidden_states
     cos, sin = inputs.position_embeddings

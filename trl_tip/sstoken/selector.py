@@ -4,7 +4,8 @@ The pure tensor functions (per-sequence min–max normalisation, the combined sc
 isolation; [`SSToken`] puts them together as a selector. It reads two per-token inputs that the trainer computes only
 because the selector asks for them in `requires`: the history model's per-token loss (`history_nll` or
 `history_divergence`) and the prompt attention mass (`prompt_attention`), both passed in `SelectionContext.extras`.
-`trl_tip.Intersect` and `trl_tip.Union` combine it with any other selector (e.g. a quadrant rule).
+`trl_tip.Intersect` and `trl_tip.Union` combine it with any other selector (e.g. a quadrant rule). Its attention-only
+warm-up is a [`SelectionScheduleCallback`] phase that uses [`SSToken.attention_only`].
 """
 
 from __future__ import annotations
@@ -13,12 +14,23 @@ from collections.abc import Callable
 
 import torch
 
-from ..selection.base import SelectionContext, budget
+from ..selection.base import SelectionContext
+from ..selection.budget import (
+    BUDGET_SCOPES,
+    SCORE_ORDERS,
+    dense_ids,
+    group_counts,
+    group_quotas,
+    grouped_top_k,
+    scoped_top_k,
+)
 from ..signals import TokenSignals
 
 
 __all__ = [
+    "DEFAULT_SSTOKEN_LOSS",
     "PROMPT_ATTENTION",
+    "SSTOKEN_DEFAULTS",
     "SSTOKEN_LOSSES",
     "SSToken",
     "history_requirement",
@@ -59,20 +71,21 @@ def retrospective_excess_loss(history_loss: torch.Tensor, current_loss: torch.Te
 
 
 def per_sequence_minmax(
-    values: torch.Tensor, seq_idx: torch.Tensor, valid: torch.Tensor | None = None
+    values: torch.Tensor, seq_idx: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-8
 ) -> torch.Tensor:
-    """Min–max normalises `values` within each sequence to `[0, 1]`.
+    """Min–max normalises `values` within each sequence, as ssToken's reference code: `(v − min) / (max − min + eps)`.
 
-    Within a sequence, `(v - min) / (max - min)` over its valid positions. A sequence whose valid values are all
-    equal maps to 0; invalid positions (and non-finite values) map to 0 and do not enter the min and max.
+    A sequence whose valid values are all equal maps to 0; invalid positions (and non-finite values) map to 0 and do
+    not enter the min and max.
 
     Args:
         values (`torch.Tensor`): Values of shape `(N,)`.
         seq_idx (`torch.Tensor`): Sequence of each position, shape `(N,)`, non-negative integers.
         valid (`torch.Tensor`, *optional*): Boolean mask of the positions to normalise (all finite ones if `None`).
+        eps (`float`, *optional*, defaults to `1e-8`): Added to the span (the reference code's `1e-8`).
 
     Returns:
-        `torch.Tensor`: Float32 tensor of shape `(N,)` in `[0, 1]`.
+        `torch.Tensor`: Float32 tensor of shape `(N,)` in `[0, 1)`.
     """
     values = values.float()
     ok = torch.isfinite(values) if valid is None else valid & torch.isfinite(values)
@@ -86,7 +99,7 @@ def per_sequence_minmax(
     high = high.scatter_reduce(0, seq_idx[ok], values[ok], reduce="amax")
     span = (high - low)[seq_idx]
     shifted = values - low[seq_idx]
-    out = torch.where(span > 0, shifted / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(values))
+    out = torch.where(torch.isfinite(span), shifted / (span + eps), torch.zeros_like(values))
     return torch.where(ok, out, torch.zeros_like(out))
 
 
@@ -119,10 +132,9 @@ def sstoken_score(rel_norm: torch.Tensor | None, attention: torch.Tensor | None,
 def per_sequence_top_k(
     scores: torch.Tensor, seq_idx: torch.Tensor, keep_ratio: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Keeps the `keep_ratio` highest-scored valid positions of each sequence.
+    """Keeps the `keep_ratio` highest-scored valid positions of each sequence: `⌈keep_ratio · n⌉` of its `n`.
 
-    A sequence with `n` valid positions keeps `round_half_up(keep_ratio * n)` of them (see [`budget`]); equal scores
-    are broken by the lower index.
+    ssToken's budget (`k = ceil(resp_len * data_prop)` in its reference code); equal scores go to the lower index.
 
     Args:
         scores (`torch.Tensor`): Scores of shape `(N,)`.
@@ -136,34 +148,28 @@ def per_sequence_top_k(
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
     n = scores.numel()
-    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
     if n == 0:
-        return keep
+        return torch.zeros(0, dtype=torch.bool, device=scores.device)
     valid = torch.ones(n, dtype=torch.bool, device=scores.device) if valid is None else valid
-    idx = valid.nonzero(as_tuple=True)[0]
-    if idx.numel() == 0:
-        return keep
-    seq = seq_idx[idx].long()
-    # Highest score first (ties: lower index first), then grouped by sequence keeping that order.
-    order = torch.sort(scores[idx].float(), descending=True, stable=True).indices
-    order = order[torch.sort(seq[order], stable=True).indices]
-    seq_sorted = seq[order]
-    counts = torch.bincount(seq_sorted)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=scores.device) - starts[seq_sorted]
-    quota = torch.tensor([budget(int(c), keep_ratio) for c in counts.tolist()], device=scores.device)
-    keep[idx[order[rank < quota[seq_sorted]]]] = True
-    return keep
+    groups = dense_ids(seq_idx.long().to(scores.device))
+    counts = group_counts(groups, valid, n)
+    return grouped_top_k(scores, groups, group_quotas(counts, keep_ratio, "ceil"), valid)
 
 
 class SSToken:
     """ssToken: keep the top `keep_ratio` tokens of each sequence by `gamma * REL_norm + (1 - gamma) * attention`.
 
     REL is the retrospective excess loss `L_his − L_cur` of each token (history model minus current student),
-    min–max normalised per sequence; `attention` is the attention mass the token puts on the prompt in the student's
-    last layer, averaged over heads. With `loss="nll"` the per-token loss is the negative log-likelihood of the
-    sampled token; with `loss="divergence"` it is the token's distillation loss to the teacher (the generalized JSD
-    with GKD's `beta`). During the first `warmup_steps` optimizer steps the attention score alone is used.
+    min–max normalised per sequence; `attention` is the attention mass the token puts on the prompt in one layer of the
+    student (the last by default), averaged over heads. With `loss="nll"` the per-token loss is the negative
+    log-likelihood of the sampled token (the paper's); with `loss="divergence"` it is the token's distillation loss to
+    the teacher (the generalized JSD with the trainer's `beta`). Each sequence keeps `⌈keep_ratio · n⌉` of its `n`
+    tokens (`budget_scope="rollout"`, the paper's) or the process's micro-batch keeps `keep_ratio · N` rounded half
+    up (`budget_scope="batch"`); `score_order="lowest"` keeps the lowest scores instead.
+
+    The attention-only warm-up of the paper is a separate phase: [`attention_only`] returns a view of this selector
+    that scores by the attention alone, which a [`SelectionScheduleCallback`] uses for the first steps (`TIPTrainer`
+    adds one for `sstoken_warmup_ratio` / `sstoken_warmup_steps`).
 
     The selector declares in `requires` which extra per-token inputs it reads from `SelectionContext.extras`;
     `TIPTrainer` computes only those. It also accumulates its own `sstoken/...` metrics while `context.training`.
@@ -172,29 +178,49 @@ class SSToken:
         keep_ratio (`float`, *optional*, defaults to `0.6`): Kept share of each sequence's tokens, in `(0, 1]`.
         gamma (`float`, *optional*, defaults to `0.5`): Weight of REL; `1` is REL only, `0` attention only.
         loss (`str`, *optional*, defaults to `"nll"`): Per-token loss of REL, `"nll"` or `"divergence"`.
-        warmup_steps (`int`, *optional*, defaults to `0`): Steps during which only the attention score is used.
+        budget_scope (`str`, *optional*, defaults to `"rollout"`): `"rollout"` (per sequence) or `"batch"`.
+        score_order (`str`, *optional*, defaults to `"highest"`): `"highest"` or `"lowest"`.
     """
 
     def __init__(
-        self, keep_ratio: float = 0.6, gamma: float = 0.5, loss: str = DEFAULT_SSTOKEN_LOSS, warmup_steps: int = 0
+        self,
+        keep_ratio: float = 0.6,
+        gamma: float = 0.5,
+        loss: str = DEFAULT_SSTOKEN_LOSS,
+        budget_scope: str = "rollout",
+        score_order: str = "highest",
     ):
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        if budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"budget_scope={budget_scope!r} is unknown; allowed values: {', '.join(BUDGET_SCOPES)}.")
+        if score_order not in SCORE_ORDERS:
+            raise ValueError(f"score_order={score_order!r} is unknown; allowed values: {', '.join(SCORE_ORDERS)}.")
         self.keep_ratio = float(keep_ratio)
         self.gamma = float(gamma)
         self.loss = loss
-        self.warmup_steps = int(warmup_steps)
-        requires = set()
-        if self.gamma > 0:
-            requires.add(history_requirement(loss))
-        if self.gamma < 1 or self.warmup_steps > 0:
-            requires.add(PROMPT_ATTENTION)
-        self.requires = frozenset(requires)
+        self.budget_scope = budget_scope
+        self.score_order = score_order
+        self.requires = self._requirements(self.gamma)
         self.reset_metrics()
+
+    def _requirements(self, gamma: float) -> frozenset[str]:
+        requires = set()
+        if gamma > 0:
+            requires.add(history_requirement(self.loss))
+        if gamma < 1:
+            requires.add(PROMPT_ATTENTION)
+        return frozenset(requires)
+
+    def attention_only(self) -> _AttentionOnly:
+        """This selector scoring by the prompt attention alone (`gamma = 0`): the warm-up phase.
+
+        The view shares everything else with this selector (keep ratio, budget, metrics, checkpoint state) and
+        requires only `prompt_attention`, so no history forward runs while it is in use.
+        """
+        return _AttentionOnly(self)
 
     # -------------------------------------------------------------- selection
 
@@ -203,8 +229,11 @@ class SSToken:
         return -signals.student_log_prob if self.loss == "nll" else signals.loss
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        return self._select(signals, context, self.gamma)
+
+    def _select(self, signals: TokenSignals, context: SelectionContext, gamma: float) -> torch.Tensor:
         extras = context.extras
-        missing = sorted(name for name in self.requires if name not in extras)
+        missing = sorted(name for name in self._requirements(gamma) if name not in extras)
         if missing:
             raise ValueError(
                 f"{self!r} needs the extra signals {', '.join(missing)} in SelectionContext.extras; TIPTrainer "
@@ -212,15 +241,15 @@ class SSToken:
             )
         finite = signals.finite
         rel = rel_norm = attention = None
-        if self.gamma > 0:
+        if gamma > 0:
             rel = retrospective_excess_loss(extras[history_requirement(self.loss)], self.current_loss(signals))
             rel_norm = per_sequence_minmax(rel, signals.seq_idx, finite)
-        if PROMPT_ATTENTION in self.requires:
+        if gamma < 1:
             attention = extras[PROMPT_ATTENTION].float()
-        gamma = 0.0 if context.global_step < self.warmup_steps else self.gamma
         score = sstoken_score(rel_norm, attention, gamma)
         valid = finite & torch.isfinite(score)
-        keep = per_sequence_top_k(score, signals.seq_idx, self.keep_ratio, valid)
+        score = torch.where(valid, score, torch.zeros_like(score))
+        keep = scoped_top_k(score, signals, self.keep_ratio, self.budget_scope, self.score_order, "ceil", valid)
         if context.training:
             self._accumulate(rel, attention, keep, context.quadrant, valid)
         return keep
@@ -279,23 +308,55 @@ class SSToken:
     def __repr__(self) -> str:
         return (
             f"SSToken(keep_ratio={self.keep_ratio}, gamma={self.gamma}, loss={self.loss!r}, "
-            f"warmup_steps={self.warmup_steps})"
+            f"budget_scope={self.budget_scope!r}, score_order={self.score_order!r})"
         )
+
+
+class _AttentionOnly:
+    """[`SSToken.attention_only`]: the same selector scoring by the prompt attention alone (ssToken's warm-up)."""
+
+    def __init__(self, base: SSToken):
+        self.base = base
+        self.requires = frozenset({PROMPT_ATTENTION})
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.base.keep_ratio
+
+    def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
+        return self.base._select(signals, context, 0.0)
+
+    def compute_metrics(self, reduce_sum=None) -> dict[str, float]:
+        return self.base.compute_metrics(reduce_sum)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.base.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"{self.base!r}.attention_only()"
 
 
 # ---------------------------------------------------------------------------------------------------- registry
 
-# Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise).
+# Defaults of the `sstoken_*` options, applied when token_selection="sstoken" (they must stay unset otherwise), and by
+# `TIPTrainer` for a custom selector that needs a history model.
 SSTOKEN_DEFAULTS = {
     "sstoken_gamma": 0.5,
     "sstoken_loss": DEFAULT_SSTOKEN_LOSS,
-    "sstoken_history": "ema",
+    "sstoken_history": "fixed",
     "sstoken_ema_decay": 0.9,
     "sstoken_ema_update_interval": 1,
     "sstoken_history_device": "same",
-    "sstoken_warmup_steps": 0,
+    "sstoken_warmup_ratio": 0.2,
+    "sstoken_warmup_steps": None,
+    "sstoken_attention_layer": -1,
 }
-_HISTORY_OPTIONS = tuple(name for name in SSTOKEN_DEFAULTS if name != "sstoken_gamma")
+_HISTORY_OPTIONS = ("sstoken_loss", "sstoken_history", "sstoken_ema_decay", "sstoken_ema_update_interval")
+_HISTORY_OPTIONS += ("sstoken_history_device",)
+_WARMUP_OPTIONS = ("sstoken_warmup_ratio", "sstoken_warmup_steps")
 
 
 def _choice(name: str, allowed: tuple[str, ...]):
@@ -305,10 +366,10 @@ def _choice(name: str, allowed: tuple[str, ...]):
     return check
 
 
-def _integer(name: str, low: int):
+def _integer(name: str, low: int | None):
     def check(value) -> str | None:
-        if int(value) != value or value < low:
-            return f"{name} must be an integer >= {low}, got {value}."
+        if int(value) != value or (low is not None and value < low):
+            return f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value}."
         return None
 
     return check
@@ -317,18 +378,33 @@ def _integer(name: str, low: int):
 def _validate_sstoken(args) -> None:
     """Cross-option checks of the `sstoken` rule; drops the options its configuration does not read."""
     given = getattr(args, "_tip_given_options", set())
+    if "sstoken_warmup_steps" in given and "sstoken_warmup_ratio" in given:
+        raise ValueError(
+            f"Give sstoken_warmup_ratio or sstoken_warmup_steps, not both; got sstoken_warmup_ratio="
+            f"{args.sstoken_warmup_ratio} and sstoken_warmup_steps={args.sstoken_warmup_steps}."
+        )
+    if "sstoken_warmup_steps" in given:
+        args.sstoken_warmup_ratio = None
     if args.sstoken_gamma == 0.0:
-        # Attention only: no history model, so its options would be silently ignored.
-        unused = [name for name in _HISTORY_OPTIONS if name in given and name != "sstoken_warmup_steps"]
+        # Attention only: no history model and nothing to warm up, so their options would be silently ignored.
+        unused = [name for name in (*_HISTORY_OPTIONS, *_WARMUP_OPTIONS) if name in given]
         if unused:
             raise ValueError(
-                f"{', '.join(unused)} are not used with sstoken_gamma=0 (attention only, no history model); "
-                "leave them unset or set sstoken_gamma > 0."
+                f"{', '.join(unused)} are not used with sstoken_gamma=0 (attention only: no history model, no "
+                "warm-up); leave them unset or set sstoken_gamma > 0."
             )
-        for name in _HISTORY_OPTIONS:
-            if name != "sstoken_warmup_steps":
-                setattr(args, name, None)
+        for name in (*_HISTORY_OPTIONS, *_WARMUP_OPTIONS):
+            setattr(args, name, None)
         return
+    if args.sstoken_gamma == 1.0 and args.sstoken_attention_layer is not None:
+        warmup = args.sstoken_warmup_steps or args.sstoken_warmup_ratio
+        if not warmup and "sstoken_attention_layer" in given:
+            raise ValueError(
+                "sstoken_attention_layer is not used with sstoken_gamma=1 and no warm-up (REL only: no attention "
+                "score); leave it unset, or set sstoken_gamma < 1 or a warm-up."
+            )
+        if not warmup:
+            args.sstoken_attention_layer = None
     if args.sstoken_history == "fixed":
         unused = [name for name in ("sstoken_ema_decay", "sstoken_ema_update_interval") if name in given]
         if unused:
@@ -348,6 +424,9 @@ def _register() -> None:
 
     def decay_check(value):
         return None if 0.0 <= value < 1.0 else f"sstoken_ema_decay must be in [0, 1), got {value}."
+
+    def warmup_ratio_check(value):
+        return None if 0.0 <= value < 1.0 else f"sstoken_warmup_ratio must be in [0, 1), got {value}."
 
     register_option(OptionSpec("sstoken_gamma", SSTOKEN_DEFAULTS["sstoken_gamma"], gamma_check))
     register_option(
@@ -371,9 +450,13 @@ def _register() -> None:
             _choice("sstoken_history_device", HISTORY_DEVICES),
         )
     )
+    register_option(OptionSpec("sstoken_warmup_ratio", SSTOKEN_DEFAULTS["sstoken_warmup_ratio"], warmup_ratio_check))
+    register_option(OptionSpec("sstoken_warmup_steps", None, _integer("sstoken_warmup_steps", 0)))
     register_option(
         OptionSpec(
-            "sstoken_warmup_steps", SSTOKEN_DEFAULTS["sstoken_warmup_steps"], _integer("sstoken_warmup_steps", 0)
+            "sstoken_attention_layer",
+            SSTOKEN_DEFAULTS["sstoken_attention_layer"],
+            _integer("sstoken_attention_layer", None),
         )
     )
     register_rule(
@@ -383,11 +466,13 @@ def _register() -> None:
                 args.keep_ratio,
                 gamma=args.sstoken_gamma,
                 loss=args.sstoken_loss or DEFAULT_SSTOKEN_LOSS,
-                warmup_steps=args.sstoken_warmup_steps or 0,
+                budget_scope=args.budget_scope,
+                score_order=args.score_order,
             ),
             budgeted=True,
             default_keep_ratio=0.6,
-            options=tuple(SSTOKEN_DEFAULTS),
+            options=(*SSTOKEN_DEFAULTS, "budget_scope", "score_order"),
+            defaults={"budget_scope": "rollout"},
             summary="ssToken: gamma * REL_norm + (1 - gamma) * prompt attention, top keep_ratio per sequence",
             source="ssToken (ICLR 2026)",
             validate=_validate_sstoken,

@@ -27,8 +27,15 @@ from ..loss import OutputHead
 from ..selection import TokenSelector, build_selector
 from ..selection.context import Processes
 from ..signals import history_token_losses
-from ..sstoken import PROMPT_ATTENTION, SSTOKEN_DEFAULTS, HistoryEMACallback, ModelHistory
-from ..sstoken.attention import capture_last_attention_inputs, prompt_attention_mass
+from ..sstoken import (
+    PROMPT_ATTENTION,
+    SSTOKEN_DEFAULTS,
+    HistoryEMACallback,
+    ModelHistory,
+    SSToken,
+    SSTokenWarmupCallback,
+)
+from ..sstoken.attention import capture_attention_inputs, prompt_attention_mass, self_attention_layer
 
 
 if is_peft_available():
@@ -144,16 +151,34 @@ class TIPTrainerMixin:
             temperature=temperature,
             device=self.accelerator.device,
         )
+        # ssToken: the history model (if the selector needs one), the attention layer and the attention-only warm-up.
         self.sstoken_history = None
         if any(name.startswith("history_") for name in self.tip_engine.model_signals):
             self.sstoken_history = self._build_history(args)
         else:
             self.tip_engine.available_model_signals = frozenset({PROMPT_ATTENTION})
+        layer = getattr(args, "sstoken_attention_layer", None)
+        self._sstoken_attention_layer = SSTOKEN_DEFAULTS["sstoken_attention_layer"] if layer is None else layer
+        warmup = None
+        if isinstance(self.selector, SSToken) and self.selector.gamma > 0:
+            ratio, steps = getattr(args, "sstoken_warmup_ratio", None), getattr(args, "sstoken_warmup_steps", None)
+            if steps:
+                warmup = SSTokenWarmupCallback(self.selector, warmup_steps=steps)
+            elif ratio:
+                warmup = SSTokenWarmupCallback(self.selector, warmup_ratio=ratio)
+        if PROMPT_ATTENTION in self.tip_engine.model_signals or warmup is not None:
+            self_attention_layer(causal_lm(self.accelerator.unwrap_model(self.model)), self._sstoken_attention_layer)
         self._tip_last_logged_step = 0
+        if warmup is not None:
+            self.add_callback(warmup)
         self._bind_tip_callbacks()
 
     def _build_history(self, args) -> ModelHistory:
-        """The ssToken history model of the student, and the callback that updates it when it is an EMA."""
+        """The ssToken history model of the student, and the callback that updates it when it is an EMA.
+
+        `fixed` (default): the student before training, the base model with the adapter disabled for a LoRA student
+        whose adapter is still a no-op (no copy), else a frozen copy of the trainable weights; `ema`: an EMA copy.
+        """
 
         def option(name: str):
             value = getattr(args, name)
@@ -172,6 +197,12 @@ class TIPTrainerMixin:
             mode=option("sstoken_history"),
             device=option("sstoken_history_device"),
         )
+        if history.uses_base_model and "sstoken_history_device" in getattr(args, "_tip_given_options", ()):
+            raise ValueError(
+                "sstoken_history_device is not used: the history model of this PEFT student is its base model with "
+                "the adapter disabled, which copies no weight. Leave sstoken_history_device unset, or use "
+                "sstoken_history='ema' (an adapter-sized copy)."
+            )
         if history.mode == "ema":
             self.add_callback(HistoryEMACallback(history, option("sstoken_ema_update_interval")))
         logger.info(f"ssToken history model: {history!r}, {history.nbytes / 2**20:.1f} MiB.")
@@ -267,7 +298,7 @@ class TIPTrainerMixin:
                 self._history_signals(student, unwrapped_student, view, seq_idx, cols, targets, teacher_hidden)
             )
         capture = (
-            capture_last_attention_inputs(causal_lm(unwrapped_student))
+            capture_attention_inputs(causal_lm(unwrapped_student), self._sstoken_attention_layer)
             if PROMPT_ATTENTION in requires
             else nullcontext()
         )
@@ -422,8 +453,8 @@ class TIPTrainerMixin:
                 self.sstoken_history.load_state_dict(torch.load(history_path, map_location="cpu", weights_only=True))
             else:
                 logger.warning(
-                    f"{history_path} is missing: the ssToken history model restarts from the resumed weights, so "
-                    "selections differ from an uninterrupted run."
+                    f"{history_path} is missing: an EMA ssToken history restarts from the resumed weights (selections "
+                    "differ from an uninterrupted run); a fixed one keeps the weights this trainer was built with."
                 )
                 self._tip_reset_history_after_load = True
         path = os.path.join(checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
