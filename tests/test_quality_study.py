@@ -258,3 +258,38 @@ def test_docs_quote_the_tables_their_markers_name(study):
         pytest.skip("docs/quality.md has no study-tables marker yet (the issue-7 tables are checked by "
                     "test_quality_smoke.py)")  # fmt: skip
     assert missing == []
+
+
+def test_diagnostics_on_a_hand_made_batch(study, tokenizer):
+    """Teacher probability of kept and dropped tokens, broken rollouts, kept share by class and the first batch's
+    quadrant shares, against values worked out by hand."""
+    from trl_tip import SelectionRecord, TokenSignals
+
+    text = tokenizer("<|assistant|>3*8=24", add_special_tokens=False)["input_ids"]  # 1 prompt token + 6 completion
+    ids = torch.tensor([text, text])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    n = 12  # 6 positions per row; position p of the shifted sequence predicts token p + 1
+    teacher_p = torch.tensor([0.9, 0.8, 0.9, 0.9, 0.9, 0.9, 0.9, 0.01, 0.9, 0.9, 0.9, 0.5])  # row 1 is broken
+    kept = torch.tensor([1, 0, 1, 0, 1, 0, 1, 1, 0, 0, 0, 0], dtype=torch.float)
+    quadrant = torch.tensor([1, 2, 3, 4, 4, 4, 1, 3, 3, 4, 2, 2])
+    signals = TokenSignals(
+        entropy=torch.linspace(0, 1, n), divergence=torch.linspace(1, 0, n), loss=torch.ones(n),
+        student_log_prob=torch.zeros(n), teacher_log_prob=teacher_p.log(), teacher_entropy=torch.zeros(n),
+        finite=torch.ones(n, dtype=torch.bool), seq_idx=torch.arange(n) // 6, pos_idx=torch.arange(n) % 6,
+    )  # fmt: skip
+    record = SelectionRecord(global_step=0, micro_step=0, training=True, signals=signals, quadrant=quadrant,
+                             weights=kept, entropy_threshold=0.5, divergence_threshold=0.25, loss=torch.tensor(0.0),
+                             input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)  # fmt: skip
+    diagnostics = study.Diagnostics(study.TASKS["words"], tokenizer, window=1, broken_prob=0.05)
+    diagnostics.on_selection(record, engine=None)
+    result = diagnostics.result()
+    (window,) = result["window_curve"]
+    assert window["teacher_p_kept"] == pytest.approx((0.9 + 0.9 + 0.9 + 0.9 + 0.01) / 5)
+    assert window["teacher_p_dropped"] == pytest.approx((0.8 + 0.9 + 0.9 + 0.9 + 0.9 + 0.9 + 0.5) / 7)
+    assert window["broken_rollouts"] == 0.5 and window["broken_share_all"] == 0.5
+    assert window["broken_share_kept"] == pytest.approx(2 / 5)
+    assert result["start_quadrants"]["Q1"] == 2 / 12 and result["start_quadrants"]["Q4"] == 4 / 12
+    assert result["kept_by_position"] == {0: 1.0, 1: 0.5, 2: 0.5, 3: 0.0, 4: 0.5, 5: 0.0}
+    # Completion tokens `3 * 8 = 2 4`: operand, operator, operand, operator, result, result.
+    assert result["kept_by_class"] == {"operand": 0.75, "operator": 0.25, "result": 0.25}

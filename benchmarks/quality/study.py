@@ -47,6 +47,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the repository's trl_tip, also in spawned workers
 
 import torch  # noqa: E402
 from safetensors.torch import load as load_safetensors  # noqa: E402
@@ -168,6 +169,19 @@ def rule_table(extra: list[tuple[str, str, str]]) -> list[Rule]:
 # --------------------------------------------------------------------------------------------------- models and data
 
 
+def quiet() -> None:
+    """Silences the per-run warnings of transformers and TRL (hundreds of runs would flood a GPU call's output)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    for name in ("trl", "transformers", "trl_tip"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
 def log(msg: str, start: float) -> None:
     print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
 
@@ -234,9 +248,13 @@ def evaluate(model, tokenizer, task, dataset, k: int = 0, seed: int = 0, rows: i
     return result
 
 
-def sft(model, data, pad, steps, batch_size, lr, seed, evaluate_fn, eval_every, targets, start, name):
+def sft(
+    model, data, pad, steps, batch_size, lr, seed, evaluate_fn, eval_every, targets, start, name, max_seconds=None
+):
     """Plain next-token training; evaluates every `eval_every` steps and keeps a copy of the weights at the first
-    evaluation at or above each of `targets` (a dict name -> accuracy); stops when all are reached.
+    evaluation at or above each of `targets` (a dict name -> accuracy); stops when all are reached, after `steps`
+    steps, or at the first evaluation after `max_seconds` (a target not reached then gets the last weights, marked by
+    their step and accuracy in the archive's meta).
 
     Returns:
         `(snapshots, history)`: `{name: (state_dict, step, accuracy)}` and the evaluation curve.
@@ -247,6 +265,7 @@ def sft(model, data, pad, steps, batch_size, lr, seed, evaluate_fn, eval_every, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     snapshots, history = {}, []
     pending = sorted(targets.items(), key=lambda kv: kv[1])
+    t0 = time.time()
     for step in range(1, steps + 1):
         model.train()
         idx = torch.randint(len(x), (batch_size,), generator=g).to(x.device)
@@ -261,14 +280,20 @@ def sft(model, data, pad, steps, batch_size, lr, seed, evaluate_fn, eval_every, 
         if step % eval_every == 0 or step == steps:
             acc = evaluate_fn(model)
             history.append({"step": step, "loss": round(loss.item(), 4), "acc": acc})
-            log(f"{name} step {step} loss {loss.item():.3f} dev acc {acc:.3f}", start)
+            reached = []
             while pending and acc >= pending[0][1]:
                 label = pending.pop(0)[0]
+                reached.append(label)
                 snapshots[label] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, step, acc)
+            if reached or len(history) % 10 == 0:  # a few lines, not one per evaluation
+                saved = f" -> {', '.join(reached)}" if reached else ""
+                log(f"{name} step {step} loss {loss.item():.3f} dev acc {acc:.3f}{saved}", start)
             if not pending:
                 break
+            if max_seconds is not None and time.time() - t0 > max_seconds:
+                break
     for label, _ in pending:  # a target not reached: keep the last weights, marked as such
-        log(f"{name}: target {label}={targets[label]} not reached in {steps} steps (dev acc {acc:.3f})", start)
+        log(f"{name}: target {label}={targets[label]} NOT reached by step {step} (dev acc {acc:.3f})", start)
         snapshots[label] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, step, acc)
     model.eval()
     return snapshots, history
@@ -298,12 +323,13 @@ def _train_part(cfg, name: str, role: str) -> dict:
         model = make_model(tokenizer, *cfg.sizes[name]["teacher"], seed=1).to(device)
         snaps, history = sft(model, data, tokenizer.pad_token_id, cfg.teacher_steps, cfg.sft_batch, cfg.sft_lr, 1,
                              dev_acc, cfg.teacher_eval_every, {"teacher": cfg.teacher_target}, start,
-                             f"{name} teacher")  # fmt: skip
+                             f"{name} teacher", cfg.max_seconds)  # fmt: skip
     else:
         model = make_model(tokenizer, *cfg.sizes[name]["student"], seed=2).to(device)
         targets = {"weak": cfg.weak_target, "strong": cfg.strong_target}
         snaps, history = sft(model, data, tokenizer.pad_token_id, cfg.student_steps, cfg.sft_batch, cfg.sft_lr, 2,
-                             dev_acc, cfg.student_eval_every, targets, start, f"{name} student")  # fmt: skip
+                             dev_acc, cfg.student_eval_every, targets, start, f"{name} student",
+                             cfg.max_seconds)  # fmt: skip
     return {
         "weights": {label: _state_bytes(snap[0]) for label, snap in snaps.items()},
         "stopped": {label: {"step": snap[1], "dev_acc": snap[2]} for label, snap in snaps.items()},
@@ -670,6 +696,7 @@ _WORKER: dict = {}
 
 def _worker_init(cfg, on_cpu) -> None:
     torch.set_num_threads(1)
+    quiet()
     device = "cpu" if on_cpu else "cuda"
     _WORKER.update(cfg=cfg, on_cpu=on_cpu, archive=Archive(cfg.archive, device))
 
@@ -720,6 +747,7 @@ def finished_runs(dirs: list[str], config: dict) -> set[tuple]:
 
 def run(cfg) -> dict:
     start = time.time()
+    quiet()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     on_cpu = not torch.cuda.is_available() or cfg.cpu
@@ -944,6 +972,7 @@ def group_tables(results: list[dict], bounds: dict | None = None) -> dict[tuple,
                     f"{_diff([r['mean_at_k'] for r in sel], [r['mean_at_k'] for r in ref])} | "
                     f"{_pm([r['kept_share'] for r in sel], '.2f')} | {_pm(first, '.3f')} → {_pm(last, '.3f')} |"
                 )
+        lines += diagnostics_table(rows, names, lrs)
         starts = [r["start_quadrants"] for r in rows if r.get("start_quadrants")]
         if starts:
             shares = {q: statistics.fmean(s[q] for s in starts) for q in ("Q1", "Q2", "Q3", "Q4")}
@@ -955,6 +984,42 @@ def group_tables(results: list[dict], bounds: dict | None = None) -> dict[tuple,
             ]
         tables[key] = "\n".join(lines)
     return tables
+
+
+def _window_mean(rows: list[dict], key: str, which: int | None = None) -> list[float]:
+    """Per run, the mean of a `window_curve` field over the windows (or its value in window `which`)."""
+    values = []
+    for r in rows:
+        curve = [w[key] for w in r.get("window_curve") or [] if w[key] is not None]
+        if curve:
+            values.append(curve[which] if which is not None else statistics.fmean(curve))
+    return values
+
+
+def diagnostics_table(rows: list[dict], names: list[str], lrs: list[float]) -> list[str]:
+    """Where the kept set lies, per rule (TIP runs): the teacher's probability of the sampled token on kept and on
+    dropped tokens, the share of broken rollouts (a token the teacher gives < `--broken_prob`) in the first and last
+    logging window, and the share of kept vs all tokens that lie in broken rollouts."""
+    lines = [
+        "",
+        "| rule | lr | teacher p kept | teacher p dropped | broken rollouts first → last | tokens in broken "
+        "rollouts: kept | all |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    count = 0
+    for name in names:
+        for lr in lrs:
+            sel = [r for r in rows if r["rule"] == name and r["lr"] == lr and r.get("window_curve")]
+            if not sel:
+                continue
+            count += 1
+            lines.append(
+                f"| {name} | {lr:g} | {_pm(_window_mean(sel, 'teacher_p_kept'))} | "
+                f"{_pm(_window_mean(sel, 'teacher_p_dropped'))} | {_pm(_window_mean(sel, 'broken_rollouts', 0), '.2f')} "
+                f"→ {_pm(_window_mean(sel, 'broken_rollouts', -1), '.2f')} | "
+                f"{_pm(_window_mean(sel, 'broken_share_kept'), '.2f')} | {_pm(_window_mean(sel, 'broken_share_all'), '.2f')} |"
+            )
+    return lines if count else []
 
 
 def short_summary(results: list[dict]) -> str:
@@ -1007,6 +1072,7 @@ def plot_groups(results: list[dict], bounds: dict | None, out: Path) -> list[Pat
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+        paths.append(plot_dynamics(rows, task, student, out, plt))
 
         sel = [r for r in rows if r.get("kept_by_class")]
         names = [n for n in dict.fromkeys(r["rule"] for r in sel) if n != "TIP all"]
@@ -1028,7 +1094,42 @@ def plot_groups(results: list[dict], bounds: dict | None, out: Path) -> list[Pat
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    return paths
+    return [p for p in paths if p is not None]
+
+
+def plot_dynamics(rows: list[dict], task: str, student: str, out: Path, plt) -> Path | None:
+    """Per rule (mean over seeds, highest beta): the loss on the kept tokens, the share of broken rollouts and the
+    teacher's probability of the kept tokens, over training."""
+    beta = max(r["beta"] for r in rows)
+    sel = [r for r in rows if r["beta"] == beta and r.get("window_curve")]
+    if not sel:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for name in sorted(dict.fromkeys(r["rule"] for r in sel), key=_rule_order):
+        pts = [r for r in sel if r["rule"] == name]
+        n = min(len(r["loss_curve"]) for r in pts)
+        steps = [s for s, _ in pts[0]["loss_curve"][:n]]
+        axes[0].plot(steps, [statistics.fmean(r["loss_curve"][i][1] for r in pts) for i in range(n)],
+                     marker=".", label=name)  # fmt: skip
+        for ax, key in ((axes[1], "broken_rollouts"), (axes[2], "teacher_p_kept")):
+            n = min(len(r["window_curve"]) for r in pts)
+            windows = [w["step"] for w in pts[0]["window_curve"][:n]]
+            means = []
+            for i in range(n):
+                values = [r["window_curve"][i][key] for r in pts if r["window_curve"][i][key] is not None]
+                means.append(statistics.fmean(values) if values else float("nan"))
+            ax.plot(windows, means, marker=".", label=name)
+    for ax, title in zip(axes, ("loss on the kept tokens", "share of broken rollouts", "teacher p of kept tokens"),
+                         strict=True):  # fmt: skip
+        ax.set_xlabel("step")
+        ax.set_title(f"{title} ({task}, {student}, beta {beta:g})", fontsize=9)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path = out / f"quality_{task}_{student}_dynamics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_reports(record: dict, out: Path, plots: bool = True) -> None:
@@ -1143,15 +1244,16 @@ def parse(argv=None):
     prep.add_argument("--teacher_target", type=float, default=0.95)
     prep.add_argument("--weak_target", type=float, default=0.4)
     prep.add_argument("--strong_target", type=float, default=0.8)
-    prep.add_argument("--teacher_steps", type=int, default=6000, help="at most")
-    prep.add_argument("--student_steps", type=int, default=8000, help="at most")
+    prep.add_argument("--teacher_steps", type=int, default=5000, help="at most")
+    prep.add_argument("--student_steps", type=int, default=6000, help="at most")
     prep.add_argument("--teacher_eval_every", type=int, default=100)
-    prep.add_argument("--student_eval_every", type=int, default=20)
+    prep.add_argument("--student_eval_every", type=int, default=25)
     prep.add_argument("--sft_batch", type=int, default=128)
     prep.add_argument("--sft_lr", type=float, default=1e-3)
     prep.add_argument("--eval_k", type=int, default=16)
     prep.add_argument("--eval_rows", type=int, default=4096, help="generation batch (rows) of evaluations")
     prep.add_argument("--jobs", type=int, default=1, help="train teachers and students in parallel processes")
+    prep.add_argument("--max_seconds", type=float, default=None, help="stop each training after this long")
     prep.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
 
     r = sub.add_parser("run", help="distil (sweeps too: several --lrs)")
