@@ -358,6 +358,8 @@ def prepare(cfg) -> dict:
     members: dict[str, bytes] = {}
     for name in cfg.tasks:
         teacher, student = trained[name, "teacher"], trained[name, "student"]
+        if teacher["tokenizer"] != student["tokenizer"] or teacher["vocab"] != student["vocab"]:
+            raise RuntimeError(f"{name}: the teacher's and the student's processes built different tokenizers")
         meta = {
             "task": name,
             "vocab": teacher["vocab"],
@@ -371,6 +373,7 @@ def prepare(cfg) -> dict:
             "student_history": student["history"],
             "train_seconds": {"teacher": teacher["seconds"], "student": student["seconds"]},
             "n_train": cfg.n_train,
+            "n_test": cfg.n_test,
             "n_dev": cfg.n_dev,
         }
         members[f"{name}/teacher.safetensors"] = teacher["weights"]["teacher"]
@@ -441,7 +444,11 @@ class Archive:
             tokenizer = task.new_tokenizer()
         if len(tokenizer) != meta["vocab"]:
             raise ValueError(f"{name}: tokenizer has {len(tokenizer)} tokens, the archived models {meta['vocab']}")
-        train, test, _ = task.splits(meta["n_train"], n_test, meta["n_dev"])
+        if n_test > meta["n_test"]:
+            raise ValueError(f"--n_test {n_test}: the {name} models were prepared with a test set of {meta['n_test']}")
+        # The splits of `prepare` (the dev problems that decided when to stop stay out of every test set).
+        train, test, _ = task.splits(meta["n_train"], meta["n_test"], meta["n_dev"])
+        test = test.select(range(n_test))
 
         def model(role, seed):
             m = make_model(tokenizer, *meta["sizes"][role], seed=seed)
@@ -892,7 +899,7 @@ def run(cfg) -> dict:
 
 
 def _meta_summary(meta: dict) -> dict:
-    return {k: meta[k] for k in ("vocab", "sizes", "stopped", "targets", "n_train")}
+    return {k: meta[k] for k in ("vocab", "sizes", "stopped", "targets", "n_train", "n_test", "n_dev")}
 
 
 # --------------------------------------------------------------------------------------------------- tables, plots
@@ -980,7 +987,9 @@ def group_tables(results: list[dict], bounds: dict | None = None) -> dict[tuple,
                 "",
                 f"Start (first batch of every TIP run, {len(starts)} runs, median split): "
                 + ", ".join(f"{q} {100 * v:.1f}%" for q, v in shares.items())
-                + f", Q1+Q2 {100 * (shares['Q1'] + shares['Q2']):.1f}%. Paper: {PAPER_SHARES}.",
+                + f", Q1+Q2 {100 * (shares['Q1'] + shares['Q2']):.1f}% (with median splits Q1+Q2 and Q3+Q4 are 50% "
+                f"by construction; Q4 near 50% means low entropy and low divergence go together). Paper: "
+                f"{PAPER_SHARES}.",
             ]
         tables[key] = "\n".join(lines)
     return tables
