@@ -54,7 +54,7 @@ case "$stage" in
       { echo "== prepare failed"; exit 1; }
     # The all-token learning-rate sweep, on its own seeds (100, 101), for both students and both betas.
     run "$out/sweep" $(($(left) - 60)) --archive "$archive" --tasks words --rules "TIP all" \
-      --lrs 1e-4 3e-4 1e-3 3e-3 --betas 1 0.5 --seeds 100 101
+      --lrs 3e-5 1e-4 3e-4 1e-3 --betas 1 0.5 --seeds 100 101
     run "$out/main1" "$(left)" --archive "$archive" --tasks words --lr_from "$out/sweep" --betas 1 \
       --seeds "${seeds[@]}" --require_all_rules
     ;;
@@ -74,7 +74,7 @@ case "$stage" in
   addition)
     archive="$in/archive/quality_models.tar"
     run "$out/addition_sweep" $(($(left) * 2 / 5)) --archive "$archive" --tasks addition --rules "TIP all" \
-      --lrs 1e-4 3e-4 1e-3 3e-3 --betas 1 --seeds 100 101
+      --lrs 3e-5 1e-4 3e-4 1e-3 --betas 1 --seeds 100 101
     run "$out/addition" "$(left)" --archive "$archive" --tasks addition --lr_from "$out/addition_sweep" --betas 1 \
       --seeds 0 1 2 3 4 --rules "TIP all" "entropy 0.5" "Soft-OR 0.5" "Soft-OR 0.2" "Q3 score 0.1" \
       "Q3 score 0.2" "random 0.1" "Soft-OR bottom 0.5" "quadrants Q3"

@@ -322,13 +322,13 @@ def _train_part(cfg, name: str, role: str) -> dict:
     if role == "teacher":
         model = make_model(tokenizer, *cfg.sizes[name]["teacher"], seed=1).to(device)
         snaps, history = sft(model, data, tokenizer.pad_token_id, cfg.teacher_steps, cfg.sft_batch, cfg.sft_lr, 1,
-                             dev_acc, cfg.teacher_eval_every, {"teacher": cfg.teacher_target}, start,
+                             dev_acc, cfg.teacher_eval_every, {"teacher": cfg.teacher_target[name]}, start,
                              f"{name} teacher", cfg.max_seconds)  # fmt: skip
     else:
         model = make_model(tokenizer, *cfg.sizes[name]["student"], seed=2).to(device)
         targets = {"weak": cfg.weak_target, "strong": cfg.strong_target}
         snaps, history = sft(model, data, tokenizer.pad_token_id, cfg.student_steps, cfg.sft_batch, cfg.sft_lr, 2,
-                             dev_acc, cfg.student_eval_every, targets, start, f"{name} student",
+                             dev_acc, cfg.student_eval_every[name], targets, start, f"{name} student",
                              cfg.max_seconds)  # fmt: skip
     return {
         "weights": {label: _state_bytes(snap[0]) for label, snap in snaps.items()},
@@ -368,7 +368,7 @@ def prepare(cfg) -> dict:
                 **{s: list(cfg.sizes[name]["student"]) for s in STRENGTHS},
             },  # fmt: skip
             "stopped": {**teacher["stopped"], **student["stopped"]},
-            "targets": {"teacher": cfg.teacher_target, "weak": cfg.weak_target, "strong": cfg.strong_target},
+            "targets": {"teacher": cfg.teacher_target[name], "weak": cfg.weak_target, "strong": cfg.strong_target},
             "teacher_history": teacher["history"],
             "student_history": student["history"],
             "train_seconds": {"teacher": teacher["seconds"], "student": student["seconds"]},
@@ -473,7 +473,7 @@ class Diagnostics(SelectionCallback):
     - kept share by completion position and by token class (`tasks.TaskSpec.token_classes`);
     - per logging window: mean teacher probability of the sampled token on kept and on dropped tokens, the share of
       rollouts that are "broken" (some sampled token the teacher gives less than `broken_prob`), and the share of
-      all and of kept tokens that lie in broken rollouts;
+      all and of kept tokens that come after the first such token of their rollout (off the teacher's path);
     - the Q1–Q4 shares (the engine's split) and the signal quantiles of the first micro-batch, i.e. of the initial
       student's own rollouts before any update.
     """
@@ -512,22 +512,25 @@ class Diagnostics(SelectionCallback):
             self.cls_kept[c] += int(k)
         prob = s.teacher_log_prob.float().exp().cpu()
         finite = s.finite.cpu()
-        seq_min = torch.ones(int(seq.max()) + 1 if len(seq) else 0).scatter_reduce(
-            0, seq, torch.where(finite, prob, torch.ones_like(prob)), reduce="amin"
+        low = finite & (prob < self.broken_prob)  # a token the teacher would hardly have written
+        rows_n = int(seq.max()) + 1 if len(seq) else 0
+        big = torch.iinfo(torch.long).max
+        first_break = torch.full((rows_n,), big, dtype=torch.long).scatter_reduce(
+            0, seq, torch.where(low, pos, torch.full_like(pos, big)), reduce="amin"
         )
-        broken_rows = seq_min < self.broken_prob
-        broken_tok = broken_rows[seq]
+        broken_rows = first_break < big
+        after = pos > first_break[seq]  # strictly after the rollout's first such token: off the teacher's path
         acc = self._acc or {"kept_p": 0.0, "kept": 0, "drop_p": 0.0, "drop": 0, "rows": 0, "broken_rows": 0,
-                            "tok": 0, "broken_tok": 0, "kept_broken": 0, "step": record.global_step}  # fmt: skip
+                            "tok": 0, "after": 0, "kept_after": 0, "step": record.global_step}  # fmt: skip
         acc["kept_p"] += float(prob[kept & finite].sum())
         acc["kept"] += int((kept & finite).sum())
         acc["drop_p"] += float(prob[~kept & finite].sum())
         acc["drop"] += int((~kept & finite).sum())
-        acc["rows"] += len(broken_rows)
+        acc["rows"] += rows_n
         acc["broken_rows"] += int(broken_rows.sum())
         acc["tok"] += len(seq)
-        acc["broken_tok"] += int(broken_tok.sum())
-        acc["kept_broken"] += int((broken_tok & kept).sum())
+        acc["after"] += int(after.sum())
+        acc["kept_after"] += int((after & kept).sum())
         self._acc = acc
         if self.start is None:
             quadrant = record.quadrant.cpu()
@@ -554,21 +557,24 @@ class Diagnostics(SelectionCallback):
                 "teacher_p_kept": a["kept_p"] / a["kept"] if a["kept"] else None,
                 "teacher_p_dropped": a["drop_p"] / a["drop"] if a["drop"] else None,
                 "broken_rollouts": a["broken_rows"] / max(a["rows"], 1),
-                "broken_share_all": a["broken_tok"] / max(a["tok"], 1),
-                "broken_share_kept": a["kept_broken"] / a["kept"] if a["kept"] else None,
+                "after_break_share_all": a["after"] / max(a["tok"], 1),
+                "after_break_share_kept": a["kept_after"] / a["kept"] if a["kept"] else None,
             }
         )
         self._acc = None
 
     def result(self) -> dict:
         self.flush()
+
+        def r(value):  # 4 decimals are plenty and keep the committed JSON small
+            return None if value is None else round(value, 4)
+
+        total = sum(self.cls_total.values())
         return {
-            "kept_by_position": {p: self.pos_kept[p] / self.pos_total[p] for p in sorted(self.pos_total)},
-            "kept_by_class": {c: self.cls_kept[c] / self.cls_total[c] for c in TOKEN_CLASSES if self.cls_total[c]},
-            "class_share": {
-                c: self.cls_total[c] / sum(self.cls_total.values()) for c in TOKEN_CLASSES if self.cls_total[c]
-            },  # fmt: skip
-            "window_curve": self.curve,
+            "kept_by_position": {p: r(self.pos_kept[p] / self.pos_total[p]) for p in sorted(self.pos_total)},
+            "kept_by_class": {c: r(self.cls_kept[c] / self.cls_total[c]) for c in TOKEN_CLASSES if self.cls_total[c]},
+            "class_share": {c: r(self.cls_total[c] / total) for c in TOKEN_CLASSES if self.cls_total[c]},
+            "window_curve": [{k: (v if k == "step" else r(v)) for k, v in w.items()} for w in self.curve],
             "start_quadrants": self.start,
         }
 
@@ -683,7 +689,7 @@ def distil(job: Job, setup: TaskSetup, cfg, on_cpu: bool) -> dict:
         "tokens_eligible": eligible,
         "kept_share": kept / eligible if eligible else None,
         "peak_mem_mib": peak,
-        "wall_s": wall,
+        "wall_s": round(wall, 2),
         # The trainer's loss: on the kept tokens (TIP), on all tokens (GKD); one value per logging window.
         "loss_curve": [[e["step"], round(e["loss"], 5)] for e in windows],
         # Mean divergence of all eligible tokens (whether the rollouts as a whole get closer to the teacher).
@@ -1008,11 +1014,12 @@ def _window_mean(rows: list[dict], key: str, which: int | None = None) -> list[f
 def diagnostics_table(rows: list[dict], names: list[str], lrs: list[float]) -> list[str]:
     """Where the kept set lies, per rule (TIP runs): the teacher's probability of the sampled token on kept and on
     dropped tokens, the share of broken rollouts (a token the teacher gives < `--broken_prob`) in the first and last
-    logging window, and the share of kept vs all tokens that lie in broken rollouts."""
+    logging window, and the share of the kept tokens and of all tokens that come after a rollout's first such token
+    (a rule whose kept share there is far above the all-token share trains mostly on continuations of errors)."""
     lines = [
         "",
-        "| rule | lr | teacher p kept | teacher p dropped | broken rollouts first → last | tokens in broken "
-        "rollouts: kept | all |",
+        "| rule | lr | teacher p kept | teacher p dropped | broken rollouts first → last | after the break: kept | "
+        "all |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     count = 0
@@ -1026,7 +1033,8 @@ def diagnostics_table(rows: list[dict], names: list[str], lrs: list[float]) -> l
                 f"| {name} | {lr:g} | {_pm(_window_mean(sel, 'teacher_p_kept'))} | "
                 f"{_pm(_window_mean(sel, 'teacher_p_dropped'))} | {_pm(_window_mean(sel, 'broken_rollouts', 0), '.2f')} "
                 f"→ {_pm(_window_mean(sel, 'broken_rollouts', -1), '.2f')} | "
-                f"{_pm(_window_mean(sel, 'broken_share_kept'), '.2f')} | {_pm(_window_mean(sel, 'broken_share_all'), '.2f')} |"
+                f"{_pm(_window_mean(sel, 'after_break_share_kept'), '.2f')} | "
+                f"{_pm(_window_mean(sel, 'after_break_share_all'), '.2f')} |"
             )
     return lines if count else []
 
@@ -1250,13 +1258,17 @@ def parse(argv=None):
     prep.add_argument("--n_dev", type=int, default=300, help="held-out problems that decide when to stop training")
     prep.add_argument("--teacher_size", action="append", default=[], metavar="TASK=HxL", help="e.g. words=256x4")
     prep.add_argument("--student_size", action="append", default=[], metavar="TASK=HxL")
-    prep.add_argument("--teacher_target", type=float, default=0.95)
+    prep.add_argument(
+        "--teacher_target", type=float, default=None, help="default: the task's (0.99 addition, 0.95 words)"
+    )
     prep.add_argument("--weak_target", type=float, default=0.4)
     prep.add_argument("--strong_target", type=float, default=0.8)
     prep.add_argument("--teacher_steps", type=int, default=5000, help="at most")
     prep.add_argument("--student_steps", type=int, default=6000, help="at most")
     prep.add_argument("--teacher_eval_every", type=int, default=100)
-    prep.add_argument("--student_eval_every", type=int, default=25)
+    prep.add_argument(
+        "--student_eval_every", type=int, default=None, help="default: the task's (5 addition, 25 words)"
+    )
     prep.add_argument("--sft_batch", type=int, default=128)
     prep.add_argument("--sft_lr", type=float, default=1e-3)
     prep.add_argument("--eval_k", type=int, default=16)
@@ -1322,6 +1334,9 @@ def parse(argv=None):
                     cfg.sizes[task][role] = _size(size)
                 except ValueError:
                     p.error(f"--{role}_size {item!r}: size must be HIDDENxLAYERS, e.g. 256x4")
+        given_target, given_every = cfg.teacher_target, cfg.student_eval_every
+        cfg.teacher_target = {t: TASKS[t].teacher_target if given_target is None else given_target for t in TASKS}
+        cfg.student_eval_every = {t: given_every or TASKS[t].student_eval_every for t in TASKS}
         if not cfg.weak_target < cfg.strong_target:
             p.error(f"--weak_target ({cfg.weak_target}) must be below --strong_target ({cfg.strong_target})")
     if cfg.command == "run":
