@@ -220,20 +220,26 @@ def test_smoke_prepare_sweep_run_merge(study, tmp_path):
 
 def test_parallel_jobs_run_and_record_like_one_process(study, tmp_path):
     common = ["--archive", "", "--tasks", "words", "--n_test", "4", "--eval_k", "0", "--steps", "1", "--batch", "2",
-              "--logging_steps", "1", "--cpu", "--students", "weak", "--seeds", "0", "--rules", "TIP all",
-              "random 0.5", "--json_only"]  # fmt: skip
+              "--logging_steps", "1", "--cpu", "--students", "weak", "--seeds", "0", "--json_only", "--rules",
+              "TIP all", "random 0.5"]  # fmt: skip
     study.main(["prepare", "--out", str(tmp_path / "a"), "--tasks", "words", "--n_train", "50", "--n_test", "4",
                 "--n_dev", "4", "--teacher_steps", "1", "--student_steps", "1", "--teacher_size", "words=32x1",
                 "--student_size", "words=32x1", "--sft_batch", "4", "--eval_k", "0", "--weak_target", "0",
                 "--strong_target", "0.5", "--cpu"])  # fmt: skip
     common[1] = str(tmp_path / "a" / study.ARCHIVE_NAME)
     serial = study.main(["run", *common, "--out", str(tmp_path / "serial")])
-    parallel = study.main(["run", *common, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
+    # A run that fails (here: a mix share out of range) is recorded as an error; the others go on.
+    broken = ["--add_rule", "broken", "random", '{"keep_ratio": 0.5, "mix_random": 2.0}']
+    parallel = study.main(["run", *common, "broken", *broken, "--out", str(tmp_path / "parallel"), "--jobs", "2"])
     assert (
         [r["rule"] for r in parallel["results"]] == [r["rule"] for r in serial["results"]] == ["TIP all", "random 0.5"]
     )
     for a, b in zip(serial["results"], parallel["results"], strict=True):
         assert a["tokens_kept"] == b["tokens_kept"] and a["samples"] == b["samples"]
+    (error,) = parallel["errors"]
+    assert error["rule"] == "broken" and "keep_ratio" in error["error"]
+    saved = json.loads((tmp_path / "parallel" / "quality.json").read_text())
+    assert len(saved["results"]) == 2 and saved["errors"][0]["rule"] == "broken"
 
 
 def test_bad_options_are_refused(study, capsys):

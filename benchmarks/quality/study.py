@@ -750,6 +750,9 @@ def finished_runs(dirs: list[str], config: dict) -> set[tuple]:
     """The keys of the runs in the `quality.json` of `dirs` (made with the same settings as `config`)."""
     keys = set()
     for d in dirs:
+        if not (Path(d) / "quality.json").exists():  # e.g. an earlier call that had no time left for this stage
+            print(f"--done: {d} has no quality.json; nothing to skip from it", flush=True)
+            continue
         rec = json.loads((Path(d) / "quality.json").read_text())
         differ = [k for k in MERGE_KEYS if rec["config"].get(k) != config.get(k)]
         if differ:
@@ -777,6 +780,9 @@ def run(cfg) -> dict:
     if unavailable and cfg.require_all_rules:
         raise SystemExit(f"--require_all_rules: {len(unavailable)} rule(s) cannot run here: {sorted(unavailable)}")
     lr_choice = choose_lrs(cfg.lr_from) if cfg.lr_from else None
+    if lr_choice:
+        print("lr from " + " ".join(cfg.lr_from) + ": " + ", ".join(
+            f"{t}/{s}/b{b:g} {lr:g}" for (t, s, b), lr in sorted(lr_choice.items())), flush=True)  # fmt: skip
     jobs = []
     for seed in cfg.seeds:  # seed-major: a cut-off batch has every rule at fewer seeds, not some rules at none
         for name in cfg.tasks:
@@ -835,7 +841,6 @@ def run(cfg) -> dict:
             print(f"ERROR {job.label()}: {res['error'][:200]}", flush=True)
         else:
             record["results"].append(res)
-            walls.append(res["wall_s"])
         write_json(path, record)
         if finished % print_every == 0 or finished == len(jobs):
             log(f"{finished}/{len(jobs)} done, {len(record['errors'])} errors, last: {job.label()} "
@@ -844,7 +849,9 @@ def run(cfg) -> dict:
     def fits(now):
         if deadline is None:
             return True
-        estimate = 1.25 * max(walls) if walls else cfg.run_estimate
+        # Whole runs (set-up, training, evaluation); the first wave also paid for starting the workers.
+        recent = walls[cfg.jobs :] or walls
+        estimate = 1.2 * max(recent) if recent else cfg.run_estimate
         return now + estimate <= deadline
 
     pending = list(jobs)
@@ -857,14 +864,17 @@ def run(cfg) -> dict:
                 record["skipped"].append(list(job.key))
                 continue
             _WORKER.update(cfg=cfg, on_cpu=on_cpu, archive=local)
-            done(job, _worker_run(job))
+            t0 = time.time()
+            res = _worker_run(job)
+            walls.append(time.time() - t0)
+            done(job, res)
     else:
         context = multiprocessing.get_context("spawn")
         while pending:
             pool = cf.ProcessPoolExecutor(
                 cfg.jobs, mp_context=context, initializer=_worker_init, initargs=(cfg, on_cpu)
             )
-            running = {}
+            running, submitted = {}, {}
             try:
                 while pending or running:
                     while pending and len(running) < cfg.jobs:
@@ -872,12 +882,14 @@ def run(cfg) -> dict:
                         if not fits(time.time()):
                             record["skipped"].append(list(job.key))
                             continue
-                        running[pool.submit(_worker_run, job)] = job
+                        future = pool.submit(_worker_run, job)
+                        running[future], submitted[future] = job, time.time()
                     if not running:
                         break
                     finished_now, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                     for future in finished_now:
                         job = running.pop(future)
+                        walls.append(time.time() - submitted.pop(future))  # a worker was free at submission
                         done(job, future.result())
             except cf.process.BrokenProcessPool as exc:  # a worker died (e.g. out of memory): record and go on
                 for future, job in running.items():
