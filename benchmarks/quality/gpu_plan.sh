@@ -59,7 +59,13 @@ case "$stage" in
       --seeds "${seeds[@]}" --require_all_rules
     ;;
   call2)
-    run "$out/main2" "$(left)" --archive "$in/archive/quality_models.tar" --tasks words --lr_from "$in/sweep" \
+    sweep="$in/sweep"
+    if [[ ! -f $sweep/quality.json ]]; then # call1 ran out of time before the sweep
+      sweep="$out/sweep"
+      run "$sweep" $(($(left) - 60)) --archive "$in/archive/quality_models.tar" --tasks words --rules "TIP all" \
+        --lrs 3e-5 1e-4 3e-4 1e-3 --betas 1 0.5 --seeds 100 101
+    fi
+    run "$out/main2" "$(left)" --archive "$in/archive/quality_models.tar" --tasks words --lr_from "$sweep" \
       --betas 1 --seeds "${seeds[@]}" --require_all_rules --done "$in/main1"
     ;;
   call3)
