@@ -258,7 +258,6 @@ def test_only_the_loss_and_bookkeeping_are_overridden():
         "train",
         "add_callback",
         "_save_checkpoint",
-        "_load_from_checkpoint",
     }
 
 

@@ -118,8 +118,7 @@ main options:
                                 the teacher (required): a hub id or a local directory, same vocabulary
   --dataset_name NAME           a hub id, a local directory or a .json/.jsonl/.csv/.parquet file
   --output_dir DIR              checkpoints, logs (trainer_state.json) and the trained model
-  --token_selection RULE        all, random, entropy_topk, entropy_sample (default), entropy_divergence_sample,
-                                quadrants, tip, sstoken
+  --token_selection RULE        {rules}
   --keep_ratio R                share of the tokens kept by a budgeted rule (default 0.5; 0.6 for sstoken)
   --use_peft true               train a LoRA adapter (--lora_r, --lora_target_modules all-linear, ...)
   --load_in_4bit true           4-bit (QLoRA) student, with --use_peft true
@@ -136,8 +135,14 @@ all options (TRL's trainer config, token selection, model, LoRA and quantization
 
 
 def short_help() -> str:
-    """The text of `trl-tip train --help`."""
-    return SHORT_HELP
+    """The text of `trl-tip train --help` (the rule list read from the registry, so it is never stale)."""
+    import textwrap
+
+    from .selection import TOKEN_SELECTIONS
+
+    names = [f"{name} (default)" if name == "entropy_sample" else name for name in TOKEN_SELECTIONS]
+    lines = textwrap.wrap(", ".join(names), width=85)
+    return SHORT_HELP.replace("{rules}", ("\n" + " " * 32).join(lines))
 
 
 def make_parser(trainer: str = "gkd", prog: str = "trl-tip train"):
