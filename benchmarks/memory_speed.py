@@ -546,6 +546,24 @@ def release_compiled(*models) -> None:
     torch._dynamo.reset()
 
 
+def drop_input_grad_hooks(model) -> int:
+    """Removes the input-embedding hooks that gradient checkpointing registers (`enable_input_require_grads`).
+
+    The rows share one student module. Each re-enabling of gradient checkpointing after a generation (TRL's
+    `unwrap_model_for_generation`, in GKDTrainer and DistillationTrainer) leaves one more such hook behind, so without
+    this a row would inherit the hooks leaked by the rows before it and run its forwards slower. The trainer of the
+    row registers its own again.
+    """
+    removed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                    del module._forward_hooks[key]
+                    removed += 1
+    return removed
+
+
 def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns, device) -> Result:
     b, t = parse_shape(shape)
     if ns.generation:
@@ -557,6 +575,7 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
         with torch.no_grad():
             for name, p in student.named_parameters():
                 p.copy_(init_state[name])
+        drop_input_grad_hooks(student)
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = build_trainer(rule, student, teacher, tokenizer, ns, b, output_dir)
             timer = SelectionTimer(trainer, device) if rule.is_tip else None
