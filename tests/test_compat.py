@@ -125,3 +125,12 @@ def test_trainer_private_methods_trl_tip_overrides_keep_their_signatures():
     assert "return batch_samples, num_items_in_batch" in inspect.getsource(Trainer.get_batch_samples)
     # Trainer skips its own division by the accumulation steps when the trainer declares it scales itself.
     assert "loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)
+
+
+def test_trl_vocab_tile_matches_the_kernel():
+    """`kept_token_jsd(backend="auto")` picks TRL's kernel only for vocabularies of at least one of its tiles."""
+    from trl.kernels import chunked_divergence
+
+    from trl_tip.loss import TRL_VOCAB_TILE
+
+    assert chunked_divergence.VOCAB_CHUNK_SIZE == TRL_VOCAB_TILE

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 LOSS_BACKENDS = ("auto", "fused", "trl")
+TRL_VOCAB_TILE = 32768  # trl.kernels.chunked_divergence.VOCAB_CHUNK_SIZE
 
 
 def logit_scale_of(config) -> float:
@@ -300,8 +301,11 @@ def kept_token_jsd(
         # Triton kernel is as fast as the fused one (0.92-1.00x its time) and peaks lower at small kept shares (its
         # tiles scale with the rows); on the CPU (torch fallback) the fused one is faster. A ZeRO-3 partitioned head
         # needs TRL's, whose backward re-gathers it.
+        # Below one of TRL's vocabulary tiles (32,768) its fixed-size tile buffers are larger than the fused kernel's
+        # (chunk x vocab) ones: measured, 16 tiny-vocabulary runs sharing an H100 ran out of memory with it.
         partitioned = hasattr(getattr(head.module, "weight", None), "ds_id")
-        backend = "trl" if linear_heads and (partitioned or hidden.is_cuda) else "fused"
+        large_vocab = head.weight is not None and head.weight.shape[0] >= TRL_VOCAB_TILE
+        backend = "trl" if linear_heads and (partitioned or (hidden.is_cuda and large_vocab)) else "fused"
     if backend == "trl":
         if not linear_heads:
             raise ValueError("backend='trl' needs plain linear student and teacher heads (OutputHead of nn.Linear).")
