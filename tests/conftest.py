@@ -34,26 +34,66 @@ def teacher(tokenizer):
     return make_model(tokenizer, hidden_size=48, num_layers=1, seed=1)
 
 
+# Trainer options every tiny CPU test starts from (both trainers).
+TINY_TRAINING = dict(
+    use_cpu=True,
+    bf16=False,
+    seed=0,
+    per_device_train_batch_size=4,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+)
+
+
 def tiny_args(tmp_path, **overrides):
+    """A `TIPConfig` for a few CPU steps of GKD-style on-policy distillation."""
     from trl_tip import TIPConfig
 
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lmbda=1.0,
-        max_new_tokens=6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-    )
+    kwargs = dict(TINY_TRAINING, output_dir=str(tmp_path), max_steps=3, lmbda=1.0, max_new_tokens=6)
     kwargs.update(overrides)
     return TIPConfig(**kwargs)
+
+
+def tiny_trainer(tmp_path, student, teacher, tokenizer, dataset, callbacks=None, **overrides):
+    """A `TIPTrainer` on `tiny_args(tmp_path, **overrides)`."""
+    from trl_tip import TIPTrainer
+
+    return TIPTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=tiny_args(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def dist_args(tmp_path, config_cls=None, **overrides):
+    """A `TIPDistillationConfig` (or `config_cls`, e.g. TRL's `DistillationConfig`) for a few CPU steps."""
+    from trl_tip import TIPDistillationConfig
+
+    kwargs = dict(
+        TINY_TRAINING, output_dir=str(tmp_path), max_steps=2, max_completion_length=6, gradient_checkpointing=False
+    )
+    kwargs.update(overrides)
+    return (config_cls or TIPDistillationConfig)(**kwargs)
+
+
+def left_tokenizer():
+    """The toy tokenizer, left-padded (DistillationTrainer's convention)."""
+    tokenizer = make_tokenizer()
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def prompt_dataset(n=16, seed=0):
+    """The toy arithmetic task as DistillationTrainer reads it: a conversational `prompt` column."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": row["messages"][:1]} for row in arithmetic_dataset(n, seed=seed)])
 
 
 class RecordSelections:

@@ -1,27 +1,9 @@
 """Callbacks that observe and steer the selection: schedules and a user-written observer."""
 
 import pytest
-from conftest import tiny_args
+from conftest import tiny_trainer
 
-from trl_tip import (
-    AllTokens,
-    SelectionCallback,
-    SelectionScheduleCallback,
-    TIPTrainer,
-    linear_keep_ratio,
-)
-
-
-def make(tmp_path, student, teacher, tokenizer, dataset, callbacks=None, **overrides):
-    args = tiny_args(tmp_path, **overrides)
-    return TIPTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+from trl_tip import AllTokens, SelectionCallback, SelectionScheduleCallback, linear_keep_ratio
 
 
 def kept_fracs(trainer):
@@ -62,7 +44,7 @@ def test_schedule_callback_needs_exactly_one_schedule():
 
 
 def test_warmup_on_all_tokens_then_the_rule(tmp_path, student, teacher, tokenizer, dataset):
-    trainer = make(
+    trainer = tiny_trainer(
         tmp_path, student, teacher, tokenizer, dataset,
         callbacks=[SelectionScheduleCallback(warmup_all_tokens=0.5)],
         token_selection="entropy_topk", keep_ratio=0.25, max_steps=4,
@@ -76,7 +58,7 @@ def test_warmup_on_all_tokens_then_the_rule(tmp_path, student, teacher, tokenize
 def test_keep_ratio_schedule_is_followed(tmp_path, student, teacher, tokenizer, dataset):
     schedule = linear_keep_ratio(1.0, 0.25, warmup=0.25, anneal=0.5)  # steps 1..4 at progress 0, .25, .5, .75
     callback = SelectionScheduleCallback(keep_ratio=schedule)
-    trainer = make(
+    trainer = tiny_trainer(
         tmp_path, student, teacher, tokenizer, dataset, callbacks=[callback],
         token_selection="random", keep_ratio=0.5, max_steps=4,
     )  # fmt: skip
@@ -90,7 +72,7 @@ def test_keep_ratio_schedule_is_followed(tmp_path, student, teacher, tokenizer, 
 
 def test_keep_ratio_schedule_needs_a_budgeted_rule(tmp_path, student, teacher, tokenizer, dataset):
     with pytest.raises(ValueError, match="needs a budgeted rule"):
-        make(
+        tiny_trainer(
             tmp_path, student, teacher, tokenizer, dataset,
             callbacks=[SelectionScheduleCallback(keep_ratio=lambda p: 0.5)], token_selection="all",
         )  # fmt: skip
@@ -117,7 +99,7 @@ class RaiseKeepRatioOnQ3(SelectionCallback):
 
 def test_user_callback_reads_records_and_changes_the_selection(tmp_path, student, teacher, tokenizer, dataset):
     callback = RaiseKeepRatioOnQ3()
-    trainer = make(
+    trainer = tiny_trainer(
         tmp_path, student, teacher, tokenizer, dataset, callbacks=[callback],
         token_selection="entropy_divergence_sample", keep_ratio=0.5, max_steps=3,
     )  # fmt: skip

@@ -10,43 +10,11 @@ import math
 
 import pytest
 import torch
-from conftest import RecordSelections
-from datasets import Dataset
+from conftest import RecordSelections, dist_args, left_tokenizer, prompt_dataset
 
 from trl_tip import TIPDistillationConfig, TIPDistillationTrainer, metric_names
 from trl_tip._compat import DistillationConfig, DistillationTrainer
-from trl_tip.toy import arithmetic_dataset, make_model, make_tokenizer
-
-
-def prompt_dataset(n=16, seed=0):
-    """The toy arithmetic task as DistillationTrainer reads it: a conversational `prompt` column."""
-    return Dataset.from_list([{"prompt": row["messages"][:1]} for row in arithmetic_dataset(n, seed=seed)])
-
-
-def left_tokenizer():
-    tokenizer = make_tokenizer()
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def dist_args(tmp_path, config_cls=TIPDistillationConfig, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_completion_length=6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-    )
-    kwargs.update(overrides)
-    return config_cls(**kwargs)
+from trl_tip.toy import make_model
 
 
 def make(tmp_path, cls=TIPDistillationTrainer, config_cls=TIPDistillationConfig, student=None, teacher=None, **kw):
