@@ -296,3 +296,14 @@ def test_config_carries_distillation_and_selection_options(tmp_path):
         dist_args(tmp_path, token_selection="all", keep_ratio=0.5)
     with pytest.raises(ValueError, match="beta must be in"):
         dist_args(tmp_path, beta=1.5)
+
+
+def test_rejects_an_empty_dataset_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="train_dataset"):
+        TIPDistillationTrainer(
+            model=make_model(left_tokenizer(), 32, 1),
+            teacher_model=make_model(left_tokenizer(), 32, 1),
+            args=dist_args(tmp_path),
+            train_dataset=prompt_dataset().select([]),
+            processing_class=left_tokenizer(),
+        )

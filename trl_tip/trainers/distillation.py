@@ -13,6 +13,7 @@ from .._compat import DistillationTrainer
 from ..config import TIPDistillationConfig
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin
+from .data_checks import check_not_empty
 
 
 __all__ = ["TIPDistillationTrainer"]
@@ -80,6 +81,8 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
             )
         if selector is not None and not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
+        check_not_empty(train_dataset, "train_dataset")
+        check_not_empty(eval_dataset, "eval_dataset")
         super().__init__(
             model=model,
             teacher_model=teacher_model,
