@@ -45,7 +45,7 @@ def check_not_empty(dataset: Any, name: str) -> None:
         except TypeError:
             continue  # an IterableDataset: its length is unknown
         if size == 0:
-            raise ValueError(f"{label} is empty (0 rows); give it at least one conversation.")
+            raise ValueError(f"{label} is empty (0 rows); give it at least one row.")
 
 
 def _conversation_shapes(split: Any) -> tuple[Any, Any] | None:
