@@ -93,6 +93,24 @@ def test_splits_are_disjoint_and_their_answers_right(words):
     assert words.make_splits(500, 100, seed=1234, n_dev=50)[1]["messages"] == test["messages"]
 
 
+@pytest.mark.parametrize("name", ["addition", "words"])
+def test_reference_completions_decode_to_their_answer(study, name):
+    """What `evaluate` does to generated ids (cut at the end token, decode, check) scores the training data's own
+    completions as correct, and a changed answer as wrong. (The addition task once joined the byte-level tokens, so
+    ` =632` came out as `Ġ=632` and every model scored 0.0.)"""
+    task = study.TASKS[name]
+    tokenizer = task.new_tokenizer()
+    train, _, _ = task.splits(20, 4, 4)
+    prompts = study.prompts_of(tokenizer, train)
+    for row, prompt in zip(train, prompts, strict=True):
+        full = tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False)
+        ids = full["input_ids"][len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
+        text = task.decode(tokenizer, ids + [tokenizer.pad_token_id] * 3)  # generation pads after the end token
+        assert text == row["messages"][1]["content"]
+        assert task.is_correct(text, row["answer"])
+        assert not task.is_correct(text, str(int(row["answer"]) + 1))
+
+
 def test_token_classes(study, tokenizer):
     words_task, addition = study.TASKS["words"], study.TASKS["addition"]
     text = "3*8=24, 24+17=41. Answer: 41"
@@ -260,9 +278,7 @@ def test_bad_options_are_refused(study, capsys):
 def test_docs_quote_the_tables_their_markers_name(study):
     """docs/quality.md: every table under a `study-tables` marker is what `merge` rebuilds from the committed JSON."""
     markers, missing = study.check_doc(DOC)
-    if markers == 0:
-        pytest.skip("docs/quality.md has no study-tables marker yet (the issue-7 tables are checked by "
-                    "test_quality_smoke.py)")  # fmt: skip
+    assert markers >= 4  # beta 1 (weak and strong student), beta 0.5 and the learning-rate sweep
     assert missing == []
 
 

@@ -1067,6 +1067,17 @@ def short_summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_MARKERS = "osD^v<>pP*Xh"
+
+
+def _rule_style(name: str) -> dict:
+    """Colour and marker of a rule, the same in every plot (matplotlib's default cycle repeats after 10 rules)."""
+    import matplotlib
+
+    i = RULE_NAMES.index(name) if name in RULE_NAMES else len(RULE_NAMES) + sum(map(ord, name))
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "marker": _MARKERS[i % len(_MARKERS)]}
+
+
 def plot_groups(results: list[dict], bounds: dict | None, out: Path) -> list[Path]:
     """Per task and student: accuracy vs share of tokens kept (one marker per rule, error bars = standard error), a
     panel per beta; and the kept share by token class of each rule."""
@@ -1082,12 +1093,14 @@ def plot_groups(results: list[dict], bounds: dict | None, out: Path) -> list[Pat
         fig, axes = plt.subplots(1, len(betas), figsize=(6.5 * len(betas), 4.8), squeeze=False)
         for ax, beta in zip(axes[0], betas, strict=True):
             sel = [r for r in rows if r["beta"] == beta]
-            for name in dict.fromkeys(r["rule"] for r in sel):
+            for name in sorted(dict.fromkeys(r["rule"] for r in sel), key=_rule_order):
                 pts = [r for r in sel if r["rule"] == name]
                 x = statistics.fmean(r["kept_share"] for r in pts)
                 ys = [r["accuracy"] for r in pts]
                 se = statistics.stdev(ys) / math.sqrt(len(ys)) if len(ys) > 1 else 0.0
-                ax.errorbar(x, statistics.fmean(ys), yerr=se, fmt="o", capsize=3, label=name)
+                style = _rule_style(name)
+                ax.errorbar(x, statistics.fmean(ys), yerr=se, fmt=style["marker"], color=style["color"], capsize=3,
+                            label=name)  # fmt: skip
             if bounds and task in bounds:
                 ax.axhline(bounds[task]["teacher"]["greedy"], color="gray", ls="--", lw=0.8, label="teacher")
                 ax.axhline(bounds[task][student]["greedy"], color="gray", ls=":", lw=0.8, label="initial student")
@@ -1104,7 +1117,7 @@ def plot_groups(results: list[dict], bounds: dict | None, out: Path) -> list[Pat
         paths.append(plot_dynamics(rows, task, student, out, plt))
 
         sel = [r for r in rows if r.get("kept_by_class")]
-        names = [n for n in dict.fromkeys(r["rule"] for r in sel) if n != "TIP all"]
+        names = sorted((n for n in dict.fromkeys(r["rule"] for r in sel) if n != "TIP all"), key=_rule_order)
         if not names:
             continue
         fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -1112,7 +1125,8 @@ def plot_groups(results: list[dict], bounds: dict | None, out: Path) -> list[Pat
         for i, name in enumerate(names):
             pts = [r["kept_by_class"] for r in sel if r["rule"] == name]
             vals = [statistics.fmean(p.get(c, 0.0) for p in pts) for c in TOKEN_CLASSES]
-            ax.bar([j + i * width for j in range(len(TOKEN_CLASSES))], vals, width, label=name)
+            ax.bar([j + i * width for j in range(len(TOKEN_CLASSES))], vals, width, label=name,
+                   color=_rule_style(name)["color"])  # fmt: skip
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(TOKEN_CLASSES))])
         ax.set_xticklabels(TOKEN_CLASSES)
         ax.set_ylabel("share of the class's tokens kept")
@@ -1139,7 +1153,8 @@ def plot_dynamics(rows: list[dict], task: str, student: str, out: Path, plt) -> 
         n = min(len(r["loss_curve"]) for r in pts)
         steps = [s for s, _ in pts[0]["loss_curve"][:n]]
         axes[0].plot(steps, [statistics.fmean(r["loss_curve"][i][1] for r in pts) for i in range(n)],
-                     marker=".", label=name)  # fmt: skip
+                     marker=_rule_style(name)["marker"], markersize=4, color=_rule_style(name)["color"],
+                     label=name)  # fmt: skip
         for ax, key in ((axes[1], "broken_rollouts"), (axes[2], "teacher_p_kept")):
             n = min(len(r["window_curve"]) for r in pts)
             windows = [w["step"] for w in pts[0]["window_curve"][:n]]
@@ -1147,7 +1162,8 @@ def plot_dynamics(rows: list[dict], task: str, student: str, out: Path, plt) -> 
             for i in range(n):
                 values = [r["window_curve"][i][key] for r in pts if r["window_curve"][i][key] is not None]
                 means.append(statistics.fmean(values) if values else float("nan"))
-            ax.plot(windows, means, marker=".", label=name)
+            ax.plot(windows, means, marker=_rule_style(name)["marker"], markersize=4, color=_rule_style(name)["color"],
+                    label=name)  # fmt: skip
     for ax, title in zip(axes, ("loss on the kept tokens", "share of broken rollouts", "teacher p of kept tokens"),
                          strict=True):  # fmt: skip
         ax.set_xlabel("step")

@@ -60,10 +60,8 @@ class TaskSpec:
         if tokenizer.eos_token_id in ids:
             ids = ids[: ids.index(tokenizer.eos_token_id)]
         special = set(tokenizer.all_special_ids)
-        ids = [i for i in ids if i not in special]
-        if self.name == "addition":  # the character tokenizer's `decode` puts spaces between tokens
-            return "".join(tokenizer.convert_ids_to_tokens(ids))
-        return tokenizer.decode(ids)
+        # Both tokenizers are byte-level (a space is the token `Ġ`): `decode`, not the joined tokens, gives the text.
+        return tokenizer.decode([i for i in ids if i not in special])
 
     def is_correct(self, completion: str, answer: str) -> bool:
         """Whether the completion's final answer is `answer`."""
