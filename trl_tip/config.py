@@ -6,7 +6,7 @@ once, by [`TIPArguments.validate_tip_arguments`] against the rule registry (`trl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
 from ._compat import DistillationConfig, GKDConfig
@@ -394,11 +394,6 @@ def check_liger_kernel(args) -> None:
             "liger_kernel.transformers.apply_liger_kernel_to_qwen2(fused_linear_cross_entropy=False); or load it "
             "with model_init_kwargs={'use_kernels': True} (Hub kernels, TRL's replacement for use_liger_kernel)."
         )
-
-
-def tip_argument_names() -> list[str]:
-    """Names of the fields [`TIPArguments`] adds to a trainer config."""
-    return [f.name for f in fields(TIPArguments)]
 
 
 @dataclass

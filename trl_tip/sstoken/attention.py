@@ -77,11 +77,6 @@ def self_attention_layer(lm: nn.Module, layer: int = -1) -> nn.Module:
     return attn
 
 
-def last_self_attention(lm: nn.Module) -> nn.Module:
-    """The self-attention module of the last decoder layer of a causal LM."""
-    return self_attention_layer(lm, -1)
-
-
 @contextmanager
 def capture_attention_inputs(lm: nn.Module, layer: int = -1) -> Iterator[AttentionInputs]:
     """Within the block, records the inputs of the first call of `lm`'s self-attention of layer `layer` (detached)."""
