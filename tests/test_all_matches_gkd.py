@@ -1,6 +1,7 @@
 """A budgeted rule takes the two-pass path (signals, selection, loss on the kept tokens): its loss equals the reference
-computed by hand, and its loss and gradients equal GKD's on a batch labelled only at the kept tokens. (`all`, the fused
-path, is checked against GKD in test_trainer.py.)"""
+computed by hand (the kept tokens' loss over the rule's planned count), and a data-dependent rule's loss and gradients
+equal GKD's on a batch labelled only at the kept tokens, divided by every eligible token. (`all`, the fused path, is
+checked against GKD in test_trainer.py.)"""
 
 import torch
 from conftest import record_selections
@@ -38,17 +39,18 @@ def _trainer(cls, config_cls, tmp_path, **extra):
     return cls(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer)
 
 
-def _loss_and_grads(trainer, batch):
+def _loss_and_grads(trainer, batch, count=None):
     model = trainer.model
     model.train()
     model.zero_grad()
-    count = (batch["labels"][:, 1:] != -100).sum()
+    if count is None:
+        count = (batch["labels"][:, 1:] != -100).sum()
     loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=count)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
+def test_budgeted_rule_loss_is_the_kept_jsd_over_the_planned_count(tmp_path):
     tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="entropy_topk", keep_ratio=0.5)
     batch = _batch(len(make_tokenizer()), seed=1)
     recorder = record_selections(tip)
@@ -60,12 +62,14 @@ def test_budgeted_rule_loss_is_mean_jsd_of_kept_tokens(tmp_path):
         t = tip.teacher_model(input_ids=batch["input_ids"]).logits[:, :-1]
         jsd = generalized_jsd(s[signals.seq_idx, signals.pos_idx], t[signals.seq_idx, signals.pos_idx], 0.3)
     torch.testing.assert_close(signals.loss, jsd, rtol=1e-5, atol=1e-6)
-    expected = (jsd * weights).sum() / weights.sum()
+    # entropy_topk per batch plans keep_ratio · N tokens (its quantile cut keeps about that many).
+    expected = (jsd * weights).sum() / (0.5 * len(signals))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_budgeted_rule_gradients_equal_gkd_on_the_kept_labels(tmp_path):
-    """A rule that keeps a subset trains exactly like GKD on a batch whose labels are only the kept tokens."""
+    """A rule whose kept share depends on the data trains exactly like GKD on a batch whose labels are only the kept
+    tokens, divided by the eligible tokens (the only count known before the forward)."""
     tip = _trainer(TIPTrainer, TIPConfig, tmp_path, token_selection="quadrants", quadrants=["Q3", "Q1"])
     recorder = record_selections(tip)
     batch = _batch(len(make_tokenizer()), seed=2)
@@ -80,7 +84,7 @@ def test_budgeted_rule_gradients_equal_gkd_on_the_kept_labels(tmp_path):
     masked["labels"] = labels
     gkd = _trainer(GKDTrainer, GKDConfig, tmp_path)
     gkd.model.load_state_dict(tip.model.state_dict())
-    loss_gkd, grads_gkd = _loss_and_grads(gkd, masked)
+    loss_gkd, grads_gkd = _loss_and_grads(gkd, masked, count=(batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(loss_tip, loss_gkd, rtol=1e-5, atol=1e-6)
     assert grads_gkd.keys() == grads_tip.keys()
     for name in grads_gkd:

@@ -210,7 +210,8 @@ def test_compute_loss_receives_exactly_what_trl_compute_loss_receives(tmp_path):
 
 
 def test_only_the_loss_and_bookkeeping_are_overridden():
-    """Generation (HF and vLLM), tool calling, data loading and `compute_loss` itself stay TRL's."""
+    """Generation (HF and vLLM), tool calling, data loading and `compute_loss` itself stay TRL's
+    (`_generate_and_score_completions` is TRL's, only followed by counting the step's rollouts)."""
     ours = {
         name
         for klass in TIPDistillationTrainer.__mro__
@@ -221,6 +222,7 @@ def test_only_the_loss_and_bookkeeping_are_overridden():
     assert ours == {
         "__init__",
         "_compute_loss",
+        "_generate_and_score_completions",
         "log",
         "evaluate",
         "train",

@@ -298,7 +298,8 @@ def test_inclusion_probabilities_by_hand():
 def test_importance_weighted_sampler_probabilities_follow_the_entropy():
     signals = make_signals([0.9, 0.1, 0.1, 0.1, 0.6, 0.6, 0.3, 0.5], [0.1] * 8, [0, 0, 0, 0, 1, 1, 1, 1])
     rule = EntropySample(0.5, budget_scope="rollout", estimator="importance_weighted")
-    assert rule.loss_normalizer == "eligible"
+    # Normalised by every eligible token (not by the kept ones): Σ_kept g / p / m estimates the all-token mean.
+    assert rule.planned_kept(torch.tensor([4, 4])).tolist() == [4.0, 4.0]
     p = rule.inclusion_probabilities(signals)
     # Rollout 0: target 0.5 * 4 = 2 -> [1, 1/3, 1/3, 1/3]; rollout 1: target 2 over 2.0 of entropy -> p = h.
     torch.testing.assert_close(p, torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3, 0.6, 0.6, 0.3, 0.5], dtype=torch.float64))

@@ -1,6 +1,7 @@
 """End to end: `TIPTrainer.train()` with each of the paper's rules on tiny models, checked against the selection
 records and the logs."""
 
+import logging
 import math
 
 import pytest
@@ -145,11 +146,20 @@ def test_q3_score_reads_the_forward_kl_from_the_same_pass(tmp_path, student, tea
 
 
 def test_rollouts_shorter_than_one_over_rho_keep_nothing_and_give_a_zero_loss(
-    tmp_path, student, teacher, tokenizer, dataset
+    tmp_path, student, teacher, tokenizer, dataset, caplog
 ):
-    """q3_score at its default 10% on completions of at most 6 tokens: floor(0.1 * m) = 0 for every rollout."""
+    """q3_score at its default 10% on completions of at most 6 tokens: floor(0.1 * m) = 0 for every rollout. The
+    first such step warns (once), naming the rule, keep_ratio and the rollout lengths."""
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    trainer, records, logs = train(tmp_path, student, teacher, tokenizer, dataset, token_selection="q3_score")
+    with caplog.at_level(logging.WARNING):
+        trainer, records, logs = train(tmp_path, student, teacher, tokenizer, dataset, token_selection="q3_score")
+    warnings = [r.getMessage() for r in caplog.records if "kept no token" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, although every step keeps nothing
+    lengths = sorted(m for m, _ in rollout_counts(records[0]))
+    assert "Q3Score(keep_ratio=0.1" in warnings[0] and "(keep_ratio=0.1)" in warnings[0]
+    assert "Optimizer step 0 kept no token" in warnings[0]
+    listed = [int(n) for n in warnings[0].split("rollouts of [")[1].split("]")[0].split(", ")]
+    assert sorted(n for n in listed if n > 0) == lengths
     assert trainer.args.keep_ratio == 0.1
     for record, log in zip(records, logs):
         assert all(m < 10 for m, _ in rollout_counts(record))
@@ -172,7 +182,7 @@ def test_importance_weighted_entropy_sampling_trains_with_the_eligible_normalise
         token_selection="entropy_sample",
         sampling_estimator="importance_weighted",
     )
-    assert trainer.tip_engine.loss_normalizer == "eligible"
+    assert trainer.tip_engine.selector.planned_kept(torch.tensor([3, 5])).tolist() == [3.0, 5.0]
     for record, log in zip(records, logs):
         signals, weights = record.signals, record.weights
         kept = weights > 0

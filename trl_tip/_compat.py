@@ -7,6 +7,7 @@ transformers 5.17–5.23 (see `pyproject.toml` for the pins).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
@@ -25,7 +26,9 @@ from trl.models.utils import _ForwardRedirection as ForwardRedirection
 from trl.models.utils import unwrap_model_for_generation
 
 # The mainline on-policy distillation trainer (TRL >= 1.16). `_compute_loss(unwrapped_student, inputs,
-# num_items_in_batch) -> (loss, entropy_sum, num_valid)` and `_get_last_hidden_state` are private: contract-tested.
+# num_items_in_batch) -> (loss, entropy_sum, num_valid)`, `_get_last_hidden_state` and
+# `_generate_and_score_completions` (once per optimizer step in training; returns the step's rollouts with
+# `completion_mask`, `tool_mask`) are private: contract-tested.
 from trl.trainer.distillation_config import DistillationConfig
 from trl.trainer.distillation_trainer import DistillationTrainer
 
@@ -40,6 +43,16 @@ with warnings.catch_warnings():
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 
+def checkpoint_dir(trainer, trial=None) -> str:
+    """The folder `Trainer._save_checkpoint` writes the current step's checkpoint into.
+
+    `Trainer._get_output_dir(trial)` (private: the run folder, per trial under a hyperparameter search) joined with
+    `checkpoint-{global_step}`. trl-tip overrides the private `Trainer._save_checkpoint(model, trial)`, which ends by
+    deleting old checkpoints (`save_total_limit`): it writes its own state into this folder before calling it.
+    """
+    return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+
+
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "TRAINER_STATE_NAME",
@@ -49,6 +62,7 @@ __all__ = [
     "ForwardRedirection",
     "GKDConfig",
     "GKDTrainer",
+    "checkpoint_dir",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",

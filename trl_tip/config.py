@@ -6,7 +6,7 @@ once, by [`TIPArguments.validate_tip_arguments`] against the rule registry (`trl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
 from ._compat import DistillationConfig, GKDConfig
@@ -82,8 +82,9 @@ class TIPArguments:
         divergence_threshold (`float`, *optional*):
             Fixed divergence split of the quadrants (in `[0, 1]` for `jsd`, `>= 0` for the others).
         entropy_threshold_quantile (`float`, *optional*, defaults to `0.5`):
-            Without fixed thresholds, the entropy split is this quantile of the step's eligible tokens over all
-            processes (`0.5`: the median).
+            Without fixed thresholds, the entropy split is this quantile of the micro-batch's eligible tokens over
+            all processes (`0.5`: the median). Each micro-batch is split by its own quantiles: the step's tokens are
+            not all known when the first micro-batch is selected.
         divergence_threshold_quantile (`float`, *optional*, defaults to `0.5`):
             Likewise for the divergence split.
         tip_chunk_size (`int`, *optional*, defaults to `1024`):
@@ -212,8 +213,8 @@ class TIPArguments:
     entropy_threshold_quantile: float = field(
         default=0.5,
         metadata={
-            "help": "Without fixed thresholds, the entropy split is this quantile of the step's eligible tokens over "
-            "all processes (0.5 = median)."
+            "help": "Without fixed thresholds, the entropy split is this quantile of the micro-batch's eligible tokens "
+            "over all processes (0.5 = median); each micro-batch is split by its own quantiles."
         },
     )
     divergence_threshold_quantile: float = field(
@@ -287,6 +288,7 @@ class TIPArguments:
             ValueError: naming the option and the allowed values, for an unknown rule, a value out of range, or an
                 option given for a rule that does not read it.
         """
+        self._check_number_types()
         rule = get_rule(self.token_selection)
         # Which rule-specific options the user set (before defaults are filled in), for the cross-option checks.
         given = {name for name in OPTIONS if getattr(self, name, None) is not None}
@@ -331,6 +333,23 @@ class TIPArguments:
         if rule.validate is not None:
             rule.validate(self)
         self._validate_signal_options()
+
+    def _check_number_types(self) -> None:
+        """A numeric option given as another type (e.g. the string `"0.5"` from an untyped YAML or CLI path) raises a
+        `TypeError` naming the option, instead of failing later in a comparison or silently misbehaving."""
+        for spec in fields(TIPArguments):
+            kind = str(spec.type).split("|")[0].strip()
+            value = getattr(self, spec.name, None)
+            if kind not in ("float", "int") or value is None:
+                continue
+            allowed = (int,) if kind == "int" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                example = "an integer" if kind == "int" else "a number"
+                raise TypeError(
+                    f"{spec.name} must be {example}, got {type(value).__name__} {value!r}; pass e.g. "
+                    f"{spec.name}={'1' if kind == 'int' else '0.5'} (values read from YAML or the command line must "
+                    "be converted to numbers)."
+                )
 
     @staticmethod
     def _missing_option_message(rule: str, name: str) -> str:

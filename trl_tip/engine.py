@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers.utils import logging
 
 from .loss import OutputHead, gathered_heads, kept_token_jsd, token_jsd_with_signals
-from .selection import AllTokens, TokenSelector, validate_selection
+from .selection import AllTokens, TokenSelector, planned_kept, validate_selection
 from .selection.context import Processes, QuadrantSplit, build_context, selection_seed
 from .signals import LOGIT_SIGNALS, TokenSignals, compute_token_signals
 from .stats import TIPStatistics
@@ -27,6 +28,7 @@ __all__ = [
     "MODEL_SIGNALS",
     "SelectionObserver",
     "SelectionRecord",
+    "StepTokens",
     "TokenBatch",
     "TokenSelectionEngine",
 ]
@@ -35,7 +37,26 @@ __all__ = [
 # them (ssToken's history-model losses and prompt attention). The logit-derived ones (`LOGIT_SIGNALS`) come from the
 # engine's own signals pass.
 MODEL_SIGNALS = ("history_nll", "history_divergence", "prompt_attention")
-LOSS_NORMALIZERS = ("kept", "eligible")
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What the adapter counts before any forward to normalise a loss (see [`TokenSelectionEngine.loss_denominator`]).
+
+    Attributes:
+        base_count: The base trainer's divisor of the loss with every token kept. Training: the eligible tokens of the
+            optimizer step over all processes divided by the number of processes (`DistillationTrainer`'s
+            `num_items_in_batch`); evaluation: the trainer's count of the batch. `None`: the rollouts' eligible tokens
+            (divided by the processes in training).
+        rollout_lengths: Eligible tokens of each rollout the loss is normalised over. Training: every rollout of the
+            optimizer step on every process, in any order. `None`: the micro-batch's own rollouts (over all processes
+            in training), which makes a budgeted rule's loss depend on how the step is split.
+    """
+
+    base_count: torch.Tensor | float | None = None
+    rollout_lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -161,6 +182,8 @@ class TokenSelectionEngine:
         self.observers: list[SelectionObserver] = []
         self._micro = (-1, 0)  # (optimizer step, micro-batch index within it)
         self._eval_micro = 0
+        self._step_counts: tuple[int, torch.Tensor] | None = None  # the step's eligible, finite, kept tokens so far
+        self._warned_empty_step = False
 
     # ------------------------------------------------------------------ the rule
 
@@ -169,8 +192,7 @@ class TokenSelectionEngine:
 
         Raises:
             TypeError: if it is not callable.
-            ValueError: if it requires extra signals the trainer cannot compute, or has an unknown
-                `loss_normalizer`.
+            ValueError: if it requires extra signals the trainer cannot compute.
         """
         if not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
@@ -187,15 +209,8 @@ class TokenSelectionEngine:
                 f"selector {selector!r} requires {unavailable}, which this trainer cannot compute (the ssToken history "
                 "model is built at construction only for token_selection='sstoken' with sstoken_gamma > 0)."
             )
-        normalizer = getattr(selector, "loss_normalizer", "kept")
-        if normalizer not in LOSS_NORMALIZERS:
-            raise ValueError(
-                f"selector {selector!r} has loss_normalizer={normalizer!r}; allowed values: "
-                f"{', '.join(LOSS_NORMALIZERS)}."
-            )
         self.selector = selector
         self.requires = requires
-        self.loss_normalizer = normalizer
 
     # ------------------------------------------------------------------ what the adapter must provide
 
@@ -269,27 +284,18 @@ class TokenSelectionEngine:
     # ------------------------------------------------------------------ one micro-batch
 
     def compute(
-        self,
-        batch: TokenBatch,
-        global_step: int,
-        training: bool,
-        step_tokens: torch.Tensor | int | None = None,
-        micro_batches_per_step: int = 1,
-        eval_num_items: torch.Tensor | int | None = None,
+        self, batch: TokenBatch, global_step: int, training: bool, step: StepTokens | None = None
     ) -> tuple[torch.Tensor, SelectionRecord]:
         """The loss of one micro-batch on its kept tokens, and the record of what was selected.
+
+        The loss is `Σ_kept weight · loss / D`, with `D` from [`loss_denominator`] for the rollouts `step` describes.
 
         Args:
             batch ([`TokenBatch`]): The micro-batch.
             global_step (`int`): Optimizer steps completed so far.
             training (`bool`): Whether this is a training micro-batch (statistics accumulate only then).
-            step_tokens (`int` or `torch.Tensor`, *optional*): Training only: eligible tokens of the whole optimizer
-                step over all processes. If `None`, the step is taken as `micro_batches_per_step` micro-batches like
-                this one.
-            micro_batches_per_step (`int`, *optional*, defaults to `1`): See `step_tokens`.
-            eval_num_items (`int` or `torch.Tensor`, *optional*): Evaluation only: the trainer's token count for the
-                batch; the loss is then `sum / eval_num_items` with every token kept (as the trainer's own), else the
-                mean over kept tokens.
+            step ([`StepTokens`], *optional*): What the adapter counted before any forward (the base trainer's count
+                and the rollouts of the optimizer step). `None`: the micro-batch's own rollouts and no base count.
 
         Returns:
             `tuple`: The scalar loss and the [`SelectionRecord`].
@@ -299,9 +305,9 @@ class TokenSelectionEngine:
             raise ValueError(f"The selector needs the extra signals {missing}, which the trainer did not compute.")
         # ZeRO-3 partitioned heads are gathered for the signals pass and the loss (a no-op otherwise).
         with gathered_heads(batch.student_head, batch.teacher_head):
-            return self._compute(batch, global_step, training, step_tokens, micro_batches_per_step, eval_num_items)
+            return self._compute(batch, global_step, training, step or StepTokens())
 
-    def _compute(self, batch, global_step, training, step_tokens, micro_batches_per_step, eval_num_items):
+    def _compute(self, batch: TokenBatch, global_step: int, training: bool, step: StepTokens):
         extras = dict(batch.extras)
         hidden = batch.student_hidden
         fused = None
@@ -352,13 +358,21 @@ class TokenSelectionEngine:
                 chunk_size=self.chunk_size,
                 temperature=self.temperature,
             )
-        normaliser = weights.sum() if self.loss_normalizer == "kept" else signals.finite.sum().float()
-        scale = self.loss_scale(
-            normaliser, len(signals), training, step_tokens, micro_batches_per_step, eval_num_items
-        )
-        loss = loss_sum * scale
+        lengths = step.rollout_lengths
+        if lengths is None:
+            # The micro-batch's own rollouts (over all processes in training, as the base count covers them).
+            lengths = torch.bincount(batch.seq_idx.long(), minlength=1).to(loss_sum.device)
+            num_processes = 1
+            if training:
+                lengths = self.processes.gather_rows(lengths)
+                num_processes = self.processes.num_processes
+        else:
+            num_processes = self.processes.num_processes if training else 1
+        denominator = self.loss_denominator(lengths, step.base_count, num_processes).to(loss_sum.device)
+        loss = torch.where(denominator > 0, loss_sum / denominator.to(loss_sum.dtype).clamp_min(1e-30), loss_sum * 0.0)
         if training:
             self.statistics.update(signals, quadrant, weights, *thresholds)
+            self._check_step(signals, weights, lengths, batch, global_step, complete=step.rollout_lengths is not None)
         record = SelectionRecord(
             global_step=global_step,
             micro_step=self._micro[1] if training else self._eval_micro - 1,
@@ -378,43 +392,75 @@ class TokenSelectionEngine:
             observer.on_selection(record, self)
         return loss, record
 
-    def loss_scale(
-        self,
-        kept_weight: torch.Tensor,
-        num_eligible: int,
-        training: bool,
-        step_tokens: torch.Tensor | int | None = None,
-        micro_batches_per_step: int = 1,
-        eval_num_items: torch.Tensor | int | None = None,
+    def loss_denominator(
+        self, rollout_lengths: torch.Tensor, base_count: torch.Tensor | float | None = None, num_processes: int = 1
     ) -> torch.Tensor:
-        """Factor turning the kept-token loss sum into this micro-batch's share of the step's loss.
+        """The one denominator `D` of the loss `Σ_kept weight · loss / D` of every micro-batch of a step.
 
-        With `K` the kept weight and `E` the eligible tokens of the micro-batch over all processes, `S` the eligible
-        tokens of the whole optimizer step over all processes and `W` the number of processes, the factor is
-        `W * E / (S * K)`: each micro-batch contributes its mean over kept tokens, weighted by its share `E / S` of
-        the step's tokens (`W` undoes DDP's gradient averaging). With every token kept this is `W / S`, the trainers'
-        own normalisation; with a constant keep ratio it is the mean over all kept tokens of the step.
+        With `E` the eligible tokens of the rollouts (`rollout_lengths`, every rollout of the optimizer step on every
+        process) and `P` the tokens the rule plans to keep of them (the sum of [`planned_kept`]), `D = n · P / E` for
+        the base trainer's divisor `n` with every token kept (`E / num_processes` if not given). In training
+        `n = E / W` over `W` processes (DDP averages the processes' gradients), so the step's gradient is that of
+        `Σ_kept weight · loss / P` over the step's tokens: it does not depend on how the rows are split into
+        micro-batches or processes. With every token kept `P = E` and `D = n` exactly: the base trainer's loss.
 
-        Outside training: `E / (n * K)` for the trainer's count `n` of the batch (so `sum / n` with every token kept,
-        as the trainers compute), or `1 / K` (the mean over kept tokens) without one; on this process only.
+        Returns:
+            `torch.Tensor`: 0-dim float64 (0 when the rule plans to keep nothing).
         """
-        kept_weight = kept_weight.detach().float()
-        zero = torch.zeros_like(kept_weight)
-        if not training or not torch.is_grad_enabled():
-            if eval_num_items is None:
-                return torch.where(kept_weight > 0, 1.0 / kept_weight.clamp_min(1e-12), zero)
-            n = torch.as_tensor(eval_num_items, device=kept_weight.device).float()
-            denominator = n * kept_weight
-            return torch.where(denominator > 0, float(num_eligible) / denominator.clamp_min(1e-12), zero)
-        counts = self.processes.reduce_sum(torch.stack([kept_weight, torch.full_like(kept_weight, num_eligible)]))
-        kept_global, eligible_global = counts[0], counts[1]
-        if step_tokens is None:
-            step = eligible_global * micro_batches_per_step
+        lengths = rollout_lengths.reshape(-1)
+        eligible = lengths.double().sum()
+        planned = planned_kept(self.selector, lengths).sum()
+        ratio = torch.where(eligible > 0, planned / eligible.clamp_min(1.0), torch.zeros_like(eligible))
+        if base_count is None:
+            base = eligible / num_processes
         else:
-            step = torch.as_tensor(step_tokens, device=counts.device).float()
-        denominator = step * kept_global
-        world = self.processes.num_processes
-        return torch.where(denominator > 0, world * eligible_global / denominator.clamp_min(1e-12), zero)
+            base = torch.as_tensor(base_count, device=eligible.device).double()
+        return base * ratio
+
+    def _check_step(self, signals, weights, lengths, batch, global_step: int, complete: bool) -> None:
+        """Once the optimizer step's micro-batches are all computed (over all processes): an error if every eligible
+        token was skipped as non-finite, a warning (once) if the step kept no token."""
+        counts = torch.stack(
+            [
+                torch.tensor(float(len(signals)), device=signals.entropy.device),
+                signals.finite.sum().float(),
+                (weights > 0).sum().float(),
+                torch.isfinite(batch.teacher_hidden).all(-1).sum().float(),
+            ]
+        ).double()
+        counts = self.processes.reduce_sum(counts)
+        if self._step_counts is None or self._step_counts[0] != global_step:
+            self._step_counts = (global_step, torch.zeros_like(counts))
+        total = self._step_counts[1] + counts
+        self._step_counts = (global_step, total)
+        eligible, finite, kept, teacher_finite = total.tolist()
+        if complete and eligible < float(lengths.sum()):
+            return  # more micro-batches of this step to come
+        self._step_counts = None
+        if eligible == 0:
+            return
+        if finite == 0:
+            culprit = (
+                "the teacher's hidden states are not finite"
+                if teacher_finite < eligible
+                else "the student's or the teacher's logits are not finite"
+            )
+            raise FloatingPointError(
+                f"Every eligible token of optimizer step {global_step} ({int(eligible)} tokens over all processes) was "
+                f"skipped as non-finite: {culprit}, so the step would train on nothing (GKDTrainer would take NaN "
+                "gradients). Check the models' weights (a NaN teacher) and dtype (fp16 overflows: use bf16 or fp32)."
+            )
+        if kept == 0 and not self._warned_empty_step:
+            self._warned_empty_step = True
+            shown = [int(n) for n in lengths.reshape(-1).tolist()]
+            listed = ", ".join(map(str, shown[:32])) + (", ..." if len(shown) > 32 else "")
+            ratio = getattr(self.selector, "keep_ratio", None)
+            logger.warning(
+                f"Optimizer step {global_step} kept no token: {self.selector!r} (keep_ratio={ratio}) on rollouts of "
+                f"[{listed}] eligible tokens; the student is not updated by such a step. A per-rollout budget "
+                "floor(keep_ratio * m) keeps nothing of a rollout shorter than 1 / keep_ratio: raise keep_ratio or "
+                "max_new_tokens / max_completion_length, or use budget_scope='batch'. (Warned once.)"
+            )
 
     # ------------------------------------------------------------------ logging and checkpoints
 

@@ -272,6 +272,7 @@ def history_token_losses(
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     beta: float = 0.5,
     chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per-token losses of a model (ssToken's history model) from its final hidden states, chunk by chunk.
 
@@ -285,6 +286,9 @@ def history_token_losses(
         teacher_head (`Callable`, *optional*): The teacher's head; needed for `divergence`.
         beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD.
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the `divergence` (both logits divided by
+            it), the engine's loss temperature, so that it compares with the current model's per-token loss
+            (`TokenSignals.loss`); `nll` is taken at temperature 1, as `TokenSignals.student_log_prob`.
 
     Returns:
         `dict[str, torch.Tensor]`: For each kind, float32 `(N,)`; NaN where the logits are not finite.
@@ -304,7 +308,10 @@ def history_token_losses(
         if "divergence" in kinds:
             t_logits = teacher_head(teacher_hidden[sl]).float()
             ok = ok & torch.isfinite(t_logits).all(-1)
-            value = generalized_jsd(logits, t_logits, beta)
+            if temperature != 1.0:
+                value = generalized_jsd(logits / temperature, t_logits / temperature, beta)
+            else:
+                value = generalized_jsd(logits, t_logits, beta)
             out["divergence"][sl] = torch.where(ok, value, float("nan"))
             del t_logits
         del logits

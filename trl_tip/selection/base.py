@@ -20,6 +20,7 @@ __all__ = [
     "TokenSelector",
     "assign_quadrants",
     "budget",
+    "planned_kept",
     "sample_without_replacement",
     "top_k_mask",
     "validate_selection",
@@ -68,8 +69,13 @@ class TokenSelector(Protocol):
 
     A selector is called once per micro-batch with the signals of the `N` eligible positions and returns either a
     boolean tensor of shape `(N,)` (kept positions) or a floating tensor of shape `(N,)` of non-negative finite
-    weights (positions with weight 0 are dropped; the loss is normalised by the sum of the weights). Positions with
-    `signals.finite == False` are dropped whatever the selector returns.
+    weights (positions with weight 0 are dropped). Positions with `signals.finite == False` are dropped whatever the
+    selector returns.
+
+    The loss is `Σ weight · loss` over the kept tokens divided by a denominator fixed for the whole optimizer step
+    before any forward: the sum over the step's rollouts of [`planned_kept`] (the selector's `planned_kept(lengths)`
+    if it has one, the number of tokens a rule plans to keep of rollouts of `lengths` eligible tokens; else every
+    eligible token). So the loss of a step does not depend on how its rows are split into micro-batches or processes.
 
     A selector may list in a `requires` attribute the extra per-token inputs it needs (names among
     `TIPTrainer.EXTRA_SIGNALS`); the trainer computes them only then and passes them in `context.extras`.
@@ -161,6 +167,30 @@ def sample_without_replacement(
     """
     keys = gumbel_keys(weights, generator)
     return top_k_mask(keys, k, candidates, num_candidates)
+
+
+def planned_kept(selector, lengths: torch.Tensor) -> torch.Tensor:
+    """The loss denominator a selector plans for rollouts of `lengths` eligible tokens (float64 `(R,)`).
+
+    `selector.planned_kept(lengths)` if the selector defines it (budgeted rules: their budget), else `lengths`: a rule
+    whose kept share depends on the data (quadrant subsets, custom weights) is normalised by the eligible tokens,
+    the only count known before the forward; its loss is the all-token loss with the dropped tokens counting 0.
+
+    Raises:
+        ValueError: if `selector.planned_kept` returns a tensor of another shape, or negative or non-finite values.
+    """
+    method = getattr(selector, "planned_kept", None)
+    if method is None:
+        return lengths.double()
+    planned = method(lengths)
+    if not isinstance(planned, torch.Tensor) or tuple(planned.shape) != tuple(lengths.shape):
+        raise ValueError(
+            f"{selector!r}.planned_kept must return a tensor of shape {tuple(lengths.shape)} (one count per rollout)."
+        )
+    planned = planned.double()
+    if planned.numel() and (not torch.isfinite(planned).all() or (planned < 0).any()):
+        raise ValueError(f"{selector!r}.planned_kept returned negative or non-finite counts.")
+    return planned
 
 
 def validate_selection(selection: torch.Tensor, n: int, name: str = "selector") -> torch.Tensor:

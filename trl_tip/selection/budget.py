@@ -25,6 +25,7 @@ __all__ = [
     "gumbel_keys",
     "group_quotas",
     "grouped_top_k",
+    "planned_budget",
     "poisson_inclusion_probabilities",
     "scoped_groups",
     "scoped_top_k",
@@ -57,6 +58,29 @@ def group_quotas(counts: torch.Tensor, keep_ratio: float, rounding: str) -> torc
     else:
         quota = torch.floor(product + 0.5 + _TOLERANCE)
     return torch.minimum(quota.long().clamp_min(0), counts.long())
+
+
+def planned_budget(
+    lengths: torch.Tensor, keep_ratio: float, budget_scope: str, rollout_rounding: str = "floor"
+) -> torch.Tensor:
+    """Tokens a budgeted rule plans to keep of rollouts of `lengths` eligible tokens: its loss denominator.
+
+    With `budget_scope="rollout"` the rule's own quota of each rollout (`⌊keep_ratio · m⌋`, or `⌈keep_ratio · m⌉` for
+    `rollout_rounding="ceil"`), which it keeps exactly unless some tokens are not finite; with `"batch"` the expected
+    count `keep_ratio · m`, since the batch budget is rounded per micro-batch, which the step's split decides.
+
+    Args:
+        lengths (`torch.Tensor`): Eligible tokens of each rollout, shape `(R,)`.
+        keep_ratio (`float`): Kept share in `(0, 1]`.
+        budget_scope (`str`): `"rollout"` or `"batch"`.
+        rollout_rounding (`str`, *optional*, defaults to `"floor"`): Rounding of the per-rollout quota.
+
+    Returns:
+        `torch.Tensor`: Float64 tensor of shape `(R,)`.
+    """
+    if budget_scope == "rollout":
+        return group_quotas(lengths.long(), keep_ratio, rollout_rounding).double()
+    return lengths.double() * float(keep_ratio)
 
 
 def group_counts(groups: torch.Tensor, mask: torch.Tensor, num_groups: int) -> torch.Tensor:

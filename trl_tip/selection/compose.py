@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..signals import TokenSignals
-from .base import SelectionContext, validate_selection
+from .base import SelectionContext, planned_kept, validate_selection
 
 
 __all__ = ["Intersect", "Union"]
@@ -58,7 +58,13 @@ class _Combine:
 
 
 class Intersect(_Combine):
-    """Keeps the tokens both selectors keep, e.g. `Intersect(SSToken(), QuadrantSubset(["Q3"]))`."""
+    """Keeps the tokens both selectors keep, e.g. `Intersect(SSToken(), QuadrantSubset(["Q3"]))`.
+
+    Its loss denominator is the smaller of the parts' planned counts (it keeps at most that many).
+    """
+
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(planned_kept(self.first, lengths), planned_kept(self.second, lengths))
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         a, b = self._masks(signals, context)
@@ -66,7 +72,13 @@ class Intersect(_Combine):
 
 
 class Union(_Combine):
-    """Keeps the tokens either selector keeps, e.g. `Union(SSToken(), QuadrantSubset(["Q3"]))`."""
+    """Keeps the tokens either selector keeps, e.g. `Union(SSToken(), QuadrantSubset(["Q3"]))`.
+
+    Its loss denominator is the larger of the parts' planned counts (it keeps at least that many).
+    """
+
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(planned_kept(self.first, lengths), planned_kept(self.second, lengths))
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         a, b = self._masks(signals, context)

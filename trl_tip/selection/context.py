@@ -1,7 +1,7 @@
 """What every rule shares besides its own score: the processes, the quadrant thresholds, the seeded generator.
 
 [`Processes`] wraps the collectives of an `accelerate.Accelerator` (or nothing, on one process); the quadrant
-thresholds are fixed values or quantiles of the step's eligible tokens gathered over every process, so all ranks split
+thresholds are fixed values or quantiles of the micro-batch's eligible tokens gathered over every process, so all ranks split
 identically; [`selection_seed`] derives a reproducible per-micro-batch seed. [`build_context`] puts them together into
 the [`SelectionContext`] a rule is called with.
 """
@@ -15,6 +15,7 @@ import torch
 
 from ..signals import TokenSignals
 from .base import SelectionContext, assign_quadrants
+from .normalize import nan_quantile
 
 
 __all__ = ["Processes", "QuadrantSplit", "build_context", "quadrant_thresholds", "selection_seed"]
@@ -57,7 +58,8 @@ class Processes:
 
 @dataclass(frozen=True)
 class QuadrantSplit:
-    """How the quadrants are split: fixed thresholds (both set) or quantiles of the step's tokens.
+    """How the quadrants are split: fixed thresholds (both set) or quantiles of the micro-batch's tokens (over all
+    processes).
 
     Attributes:
         entropy_threshold: Fixed entropy split, or `None` for the quantile split.
@@ -85,10 +87,12 @@ class QuadrantSplit:
 def quadrant_thresholds(
     signals: TokenSignals, split: QuadrantSplit, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """Entropy and divergence splits of the quadrants: fixed, or quantiles over every process's finite tokens.
+    """Entropy and divergence splits of the quadrants: fixed, or quantiles of the micro-batch's finite tokens over
+    every process.
 
-    Quantile thresholds are 0-dim tensors on the signals' device, so that nothing here waits for the GPU. With no
-    finite position on any process the split is `(0, 0)`.
+    The quantiles are those of [`nan_quantile`] (linear interpolation, in float64, no input-size limit), as every
+    other quantile of the selection. Quantile thresholds are 0-dim float64 tensors on the signals' device, so that
+    nothing here waits for the GPU. With no finite position on any process the split is `(0, 0)`.
     """
     if split.entropy_threshold is not None:
         return float(split.entropy_threshold), float(split.divergence_threshold)
@@ -97,12 +101,12 @@ def quadrant_thresholds(
         [torch.where(signals.finite, signals.entropy, nan), torch.where(signals.finite, signals.divergence, nan)],
         dim=1,
     )
-    both = (values if gather is None else gather(values)).float()
+    both = values if gather is None else gather(values)
     if both.size(0) == 0:
         return 0.0, 0.0
     # Non-finite positions are NaN and ignored; with no finite position at all the split is 0.
-    entropy_threshold = torch.nanquantile(both[:, 0], split.entropy_quantile).nan_to_num(0.0)
-    divergence_threshold = torch.nanquantile(both[:, 1], split.divergence_quantile).nan_to_num(0.0)
+    entropy_threshold = nan_quantile(both[:, 0], split.entropy_quantile).nan_to_num(0.0)
+    divergence_threshold = nan_quantile(both[:, 1], split.divergence_quantile).nan_to_num(0.0)
     return entropy_threshold, divergence_threshold
 
 

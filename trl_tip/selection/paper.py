@@ -14,7 +14,7 @@ import torch
 
 from ..signals import TokenSignals
 from .base import SelectionContext
-from .budget import BUDGET_SCOPES, SCORE_ORDERS, scoped_top_k
+from .budget import BUDGET_SCOPES, SCORE_ORDERS, planned_budget, scoped_top_k
 from .normalize import fit_minmax, gather_finite
 from .registry import RuleSpec, register_rule
 from .rules import check_choice, check_keep_ratio
@@ -64,6 +64,10 @@ class _ScoreRule:
 
     def scores(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
+
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Loss denominator of rollouts of `lengths` tokens: `⌊keep_ratio · m⌋` each (`keep_ratio · m` per batch)."""
+        return planned_budget(lengths, self.keep_ratio, self.budget_scope)
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         return scoped_top_k(

@@ -19,6 +19,7 @@ from .budget import (
     group_quotas,
     grouped_top_k,
     gumbel_keys,
+    planned_budget,
     poisson_inclusion_probabilities,
     scoped_groups,
     scoped_top_k,
@@ -105,8 +106,13 @@ class EntropyDivergenceSample:
         self.gamma = float(gamma)
         self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
         self.estimator = check_choice("sampling_estimator", estimator, SAMPLING_ESTIMATORS)
+
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Loss denominator of rollouts of `lengths` tokens: the budget, or every eligible token for the
+        importance-weighted estimator (whose `1 / p` weights make `Σ_kept g / p / m` estimate the all-token mean)."""
         if self.estimator == "importance_weighted":
-            self.loss_normalizer = "eligible"
+            return lengths.double()
+        return planned_budget(lengths, self.keep_ratio, self.budget_scope)
 
     def weights(self, signals: TokenSignals) -> torch.Tensor:
         """Sampling weight of each token (0 at non-finite positions)."""
@@ -186,6 +192,10 @@ class EntropyTopK:
         self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
         self.score_order = check_choice("score_order", score_order, SCORE_ORDERS)
 
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Loss denominator of rollouts of `lengths` tokens (`⌊keep_ratio · m⌋`, or `keep_ratio · m` per batch)."""
+        return planned_budget(lengths, self.keep_ratio, self.budget_scope)
+
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         if self.budget_scope == "rollout":
             return scoped_top_k(signals.entropy, signals, self.keep_ratio, "rollout", self.score_order)
@@ -262,6 +272,10 @@ class QuadrantBudget:
             raise ValueError(f"q3_share must be in [0, 1], got {q3_share}.")
         self.q3_share = float(q3_share)
         self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
+
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Loss denominator of rollouts of `lengths` tokens: the budget `K` (fewer are kept when Q1–Q3 hold fewer)."""
+        return planned_budget(lengths, self.keep_ratio, self.budget_scope)
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         q = context.quadrant.to(signals.entropy.device)

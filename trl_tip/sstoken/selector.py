@@ -22,6 +22,7 @@ from ..selection.budget import (
     group_counts,
     group_quotas,
     grouped_top_k,
+    planned_budget,
     scoped_top_k,
 )
 from ..signals import TokenSignals
@@ -222,6 +223,10 @@ class SSToken:
         """
         return _AttentionOnly(self)
 
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Loss denominator of sequences of `lengths` tokens: `⌈keep_ratio · n⌉` each (`keep_ratio · n` per batch)."""
+        return planned_budget(lengths, self.keep_ratio, self.budget_scope, rollout_rounding="ceil")
+
     # -------------------------------------------------------------- selection
 
     def current_loss(self, signals: TokenSignals) -> torch.Tensor:
@@ -325,6 +330,9 @@ class _AttentionOnly:
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         return self.base._select(signals, context, 0.0)
+
+    def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.base.planned_kept(lengths)
 
     def compute_metrics(self, reduce_sum=None) -> dict[str, float]:
         return self.base.compute_metrics(reduce_sum)

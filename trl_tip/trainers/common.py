@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from transformers.utils import is_peft_available, logging
 
-from .._compat import PREFIX_CHECKPOINT_DIR, TRAINER_STATE_NAME, ForwardRedirection, sort_checkpoints
-from ..engine import SelectionRecord, TokenBatch, TokenSelectionEngine
+from .._compat import TRAINER_STATE_NAME, ForwardRedirection, checkpoint_dir, sort_checkpoints
+from ..engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine
 from ..loss import OutputHead
 from ..selection import TokenSelector, build_selector
 from ..selection.context import Processes
@@ -169,6 +169,7 @@ class TIPTrainerMixin:
         if PROMPT_ATTENTION in self.tip_engine.model_signals or warmup is not None:
             self_attention_layer(causal_lm(self.accelerator.unwrap_model(self.model)), self._sstoken_attention_layer)
         self._tip_last_logged_step = 0
+        self._tip_step_lengths: tuple[int, torch.Tensor] | None = None
         if warmup is not None:
             self.add_callback(warmup)
         self._bind_tip_callbacks()
@@ -264,14 +265,14 @@ class TIPTrainerMixin:
         teacher: nn.Module,
         view: ForwardView,
         training: bool,
-        step_tokens: torch.Tensor | int | None = None,
-        micro_batches_per_step: int = 1,
-        eval_num_items: torch.Tensor | int | None = None,
+        base_count: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, SelectionRecord]:
         """Teacher, ssToken extras, student, then the engine: the loss of one micro-batch on its kept tokens.
 
         Call it inside the student's forward (`_forward_redirection`); `student` is the unwrapped student, `teacher`
-        the teacher as prepared by the trainer (wrapped or not).
+        the teacher as prepared by the trainer (wrapped or not). `base_count` is the base trainer's divisor of this
+        loss with every token kept (see [`StepTokens`]); in training the rollouts of the optimizer step come from
+        [`_tip_count_step`].
         """
         if getattr(self, "_tip_reset_history_after_load", False):
             # Resumed from a checkpoint without a saved history: restart it from the resumed weights, which
@@ -328,14 +329,28 @@ class TIPTrainerMixin:
             attention_mask=view.attention_mask,
             labels=view.labels,
         )
-        return engine.compute(
-            batch,
-            global_step=self.state.global_step,
-            training=training,
-            step_tokens=step_tokens,
-            micro_batches_per_step=micro_batches_per_step,
-            eval_num_items=eval_num_items,
-        )
+        lengths = None
+        if training and self._tip_step_lengths is not None and self._tip_step_lengths[0] == self.state.global_step:
+            lengths = self._tip_step_lengths[1]
+        step = StepTokens(base_count=base_count, rollout_lengths=lengths)
+        return engine.compute(batch, global_step=self.state.global_step, training=training, step=step)
+
+    def _tip_count_step(self, loss_masks: list[torch.Tensor]) -> torch.Tensor:
+        """Records the rollouts of the optimizer step about to be trained, before any forward; returns their count.
+
+        Call it once per optimizer step, on every process, with the loss masks (`(B, L)`, 1 where a token is trained
+        on) of all the step's micro-batches on this process. The eligible tokens of every rollout over all processes
+        are what the loss of each micro-batch of the step is normalised by ([`TokenSelectionEngine.loss_denominator`]).
+
+        Returns:
+            `torch.Tensor`: The step's eligible tokens over all processes (0-dim long).
+        """
+        device = self.accelerator.device
+        rows = [mask.reshape(mask.size(0), -1).ne(0).sum(1) for mask in loss_masks]
+        lengths = torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device)
+        lengths = self.tip_engine.processes.gather_rows(lengths)
+        self._tip_step_lengths = (self.state.global_step, lengths)
+        return lengths.sum()
 
     def _history_signals(
         self,
@@ -368,6 +383,7 @@ class TIPTrainerMixin:
                     teacher_head=OutputHead.from_model(causal_lm(self.accelerator.unwrap_model(self.teacher_model))),
                     beta=self.tip_engine.beta,
                     chunk_size=self.args.tip_chunk_size,
+                    temperature=self.tip_engine.temperature,
                 )
         finally:
             unwrapped_student.train(was_training)
@@ -397,24 +413,28 @@ class TIPTrainerMixin:
         return {**self.tip_engine.state_dict(), "last_logged_step": self._tip_last_logged_step}
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        output_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
+        """`Trainer._save_checkpoint`, with the selection state (and the ssToken history) written into the new
+        checkpoint first: `Trainer` deletes old checkpoints (`save_total_limit`) at the end of its save, so a run
+        killed there still leaves a complete newest checkpoint. Complete = `trainer_state.json` (written by `Trainer`
+        after the weights and optimizer) and every rank's TIP state (see `train`)."""
+        output_dir = checkpoint_dir(self, trial)
         os.makedirs(output_dir, exist_ok=True)
         if self.sstoken_history is not None and self.args.should_save:
             torch.save(self.sstoken_history.state_dict(), os.path.join(output_dir, HISTORY_STATE_NAME))
         path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
-        # Written last and atomically: its presence marks the checkpoint complete (see `train`).
         torch.save(self._tip_state(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        os.replace(path + ".tmp", path)  # atomic: present means whole
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # every rank's state is written before rank 0 rotates
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; with `resume_from_checkpoint=True` it resumes from the newest *complete* checkpoint.
 
         A run killed while saving leaves a checkpoint folder without its trainer state or TIP state, which `Trainer`
         would pick and fail on; such folders are skipped with a warning. A checkpoint is complete when it holds
-        `trainer_state.json` and the TIP state of every rank (written last); if none does (checkpoints written by
+        `trainer_state.json` (written after the weights and optimizer) and the TIP state of every rank (written before
+        `Trainer` saves anything, so before it deletes old checkpoints); if none does (checkpoints written by
         another trainer), the newest holding `trainer_state.json` is used. The selection state (statistics, selector,
         ssToken history) is restored here, before `Trainer.train`, whatever loads the model weights (`Trainer`
         itself, DeepSpeed or FSDP).
@@ -461,7 +481,8 @@ class TIPTrainerMixin:
         if not os.path.isfile(path):
             logger.warning(
                 f"{path} is missing ({checkpoint} was not written by a trl-tip trainer with this number of "
-                "processes): the token statistics start empty and a stateful selector starts fresh."
+                "processes, or by a trl-tip version that wrote its state after the checkpoint rotation and was "
+                "interrupted in between): the token statistics start empty and a stateful selector starts fresh."
             )
             return
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -132,25 +132,30 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
             model_kwargs={k: inputs[k] for k in MULTIMODAL_KEYS if k in inputs},
         )
 
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation of the optimizer step's rollouts (once per step in training); then, in training, their
+        eligible tokens over all processes are recorded: they fix the loss denominator of the step's micro-batches."""
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            loss_mask = output["completion_mask"]
+            if output.get("tool_mask") is not None:
+                loss_mask = loss_mask * output["tool_mask"]
+            self._tip_count_step([loss_mask])
+        return output
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """The loss on the kept completion tokens; returns `(loss, entropy_sum, num_valid)` like TRL's.
 
         Runs inside the student wrapper's forward (TRL's `compute_loss` routes it through `_forward_redirection`).
-        `num_items_in_batch` is TRL's count of the optimizer step's loss tokens over all processes divided by the
-        process count (training), or `None` (evaluation: the mean over this process's kept tokens).
+        `num_items_in_batch` is TRL's divisor, as TRL's `_compute_loss` uses it in training and evaluation: the
+        optimizer step's loss tokens over all processes divided by the process count (training), the caller's count,
+        or `None` (the mean over this process's batch). The engine turns it into the rule's denominator
+        ([`TokenSelectionEngine.loss_denominator`]), the same code as `TIPTrainer`'s.
         """
         training = self.model.training and torch.is_grad_enabled()
-        step_tokens = None
-        if training and num_items_in_batch is not None:
-            step_tokens = num_items_in_batch * self.accelerator.num_processes
         view = self._view(inputs)
         loss, record = self._tip_loss(
-            unwrapped_student,
-            self.teacher_model,
-            view,
-            training=training,
-            step_tokens=step_tokens,
-            micro_batches_per_step=self.args.gradient_accumulation_steps,
+            unwrapped_student, self.teacher_model, view, training=training, base_count=num_items_in_batch
         )
         signals = record.signals
         vocab = unwrapped_student.get_output_embeddings().weight.shape[0]

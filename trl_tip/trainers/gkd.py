@@ -43,9 +43,11 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
 
     Steps 2–6 are the trainer-agnostic [`TokenSelectionEngine`]; this class adds GKD's generation and the forwards.
 
-    The loss is normalised by the number of kept tokens over all processes and, under gradient accumulation, so that
-    the micro-batches of one optimizer step weigh as their share of the step's eligible tokens (counted on the
-    generated completions). With `token_selection="all"` the loss and gradients equal `GKDTrainer`'s.
+    Every micro-batch of an optimizer step divides its kept-token loss sum by one denominator fixed before any
+    forward: the tokens the rule plans to keep of the step's rollouts over all processes (its budget; every eligible
+    token for `all` and for rules whose kept share depends on the data), counted on the generated completions. So the
+    gradient does not depend on how the step is split into micro-batches or processes, and with
+    `token_selection="all"` the loss and gradients equal `GKDTrainer`'s.
 
     The arguments `model`, `teacher_model`, `data_collator`, `train_dataset`, `eval_dataset`, `processing_class`,
     `compute_metrics`, `callbacks`, `optimizers`, `preprocess_logits_for_metrics`, `peft_config` and `formatting_func`
@@ -253,11 +255,9 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
             self._tip_rng_restored, self._tip_rng_pending = self._tip_rng_pending, None
         if batch_samples:
             batch_samples = self._generate_on_policy(batch_samples)
-        count = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
-        for batch in batch_samples:
-            count += (batch["labels"][:, 1:] != -100).sum().to(count.device)
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.reduce(count, reduction="sum")
+        # The rollouts of the step over all processes: their count is `num_items_in_batch`, and they fix the one
+        # loss denominator of every micro-batch of the step.
+        count = self._tip_count_step([batch["labels"][:, 1:] != -100 for batch in batch_samples])
         return batch_samples, count
 
     def training_step(
@@ -290,7 +290,7 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Generalized JSD on the selected completion tokens, normalised by the kept-token count.
+        """Generalized JSD on the selected completion tokens, normalised by the step's planned kept tokens.
 
         The whole computation runs inside `model`'s forward (`_forward_redirection`), so that DDP, FSDP and DeepSpeed
         see one forward per micro-batch and keep the student's parameters (`lm_head` included) materialised for it.
@@ -319,15 +319,12 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
         return loss
 
     def _tip_loss_inside_forward(self, unwrapped, view, training, num_items_in_batch):
-        loss, _ = self._tip_loss(
-            unwrapped,
-            self.teacher_model,
-            view,
-            training=training,
-            step_tokens=num_items_in_batch if training else None,
-            micro_batches_per_step=getattr(self, "current_gradient_accumulation_steps", 1),
-            eval_num_items=None if training else num_items_in_batch,
-        )
+        # GKD divides by `num_items_in_batch` (the step's tokens over all processes); trl-tip also undoes DDP's
+        # averaging of the processes' gradients, as DistillationTrainer does, so a process divides by its share.
+        base_count = num_items_in_batch
+        if training and num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            base_count = num_items_in_batch / self.accelerator.num_processes
+        loss, _ = self._tip_loss(unwrapped, self.teacher_model, view, training=training, base_count=base_count)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
