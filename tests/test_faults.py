@@ -114,7 +114,8 @@ def test_nonfinite_logits_are_skipped_and_counted(tmp_path, student, teacher, to
 
 @pytest.mark.parametrize("rule", ["all", "tip", "q3_score"])
 def test_nonfinite_teacher_rows_drop_out_of_the_loss_exactly(tmp_path, student, teacher, tokenizer, dataset, rule):
-    """With corrupted teacher rows, the loss is the loss of the same batch with those positions unlabelled."""
+    """With corrupted teacher rows, the kept-token loss sum is that of the same batch with those positions unlabelled;
+    the denominator, fixed before any forward, still counts them (the rule's planned tokens of every eligible one)."""
     clean_teacher = copy.deepcopy(teacher)
     teacher.model.norm = InjectNonFinite(teacher.model.norm)
     faulty = build(tmp_path / "a", student, teacher, tokenizer, dataset, token_selection=rule, lmbda=0.0)
@@ -130,7 +131,12 @@ def test_nonfinite_teacher_rows_drop_out_of_the_loss_exactly(tmp_path, student, 
         loss_faulty = faulty.compute_loss(faulty.model, dict(batch))
         loss_clean = clean.compute_loss(clean.model, masked)
     assert torch.isfinite(loss_faulty)
-    torch.testing.assert_close(loss_faulty, loss_clean)
+
+    def planned(labels):
+        lengths = (labels[:, 1:] != -100).sum(1)
+        return faulty.tip_engine.loss_denominator(lengths)
+
+    torch.testing.assert_close(loss_faulty * planned(batch["labels"]), loss_clean * planned(labels))
 
 
 class LogitBias:
