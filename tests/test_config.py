@@ -147,3 +147,32 @@ def test_cli_parser_builds_every_option(tmp_path):
         ]
     )  # fmt: skip
     assert c.quadrants == ["Q1", "Q3"] and c.divergence == "forward_kl"
+
+
+@pytest.mark.parametrize(
+    "option, value, kind",
+    [
+        ("keep_ratio", "0.5", "a number"),
+        ("entropy_threshold_quantile", "0.5", "a number"),
+        ("tip_chunk_size", 8.0, "an integer"),
+    ],
+)
+def test_numeric_options_of_another_type_are_refused_at_config_time(tmp_path, option, value, kind):
+    """E.g. `keep_ratio="0.5"` from an untyped YAML or CLI path: a TypeError naming the option, not a failed comparison."""
+    extra = {"token_selection": "tip"} if option == "keep_ratio" else {}
+    with pytest.raises(TypeError, match=rf"{option} must be {kind}, got \w+ {value!r}"):
+        cfg(tmp_path, **extra, **{option: value})
+    with pytest.raises(TypeError, match="keep_ratio must be a number"):
+        cfg(tmp_path, token_selection="tip", keep_ratio=True)
+
+
+def test_quadrant_quantile_help_says_per_micro_batch():
+    """The quadrant split is the quantile of each micro-batch's tokens (over all processes), as the code computes it."""
+    from dataclasses import fields
+
+    helps = {f.name: f.metadata["help"] for f in fields(TIPConfig) if f.name.endswith("threshold_quantile")}
+    assert "quantile of the micro-batch's eligible tokens" in helps["entropy_threshold_quantile"]
+    from trl_tip.config import TIPArguments
+
+    doc = TIPArguments.__doc__.split("entropy_threshold_quantile (")[1].split("divergence_threshold_quantile (")[0]
+    assert "quantile of the micro-batch's eligible tokens" in " ".join(doc.split())

@@ -180,3 +180,21 @@ def test_validate_selection_errors():
 def test_keep_ratio_validated(bad):
     with pytest.raises(ValueError, match="keep_ratio"):
         RandomTokens(bad)
+
+
+def test_quadrant_thresholds_are_nan_quantiles_of_the_finite_tokens():
+    """The quantile split uses `nan_quantile` (float64, no size limit), like every other quantile of the selection."""
+    from trl_tip.selection import nan_quantile
+    from trl_tip.selection.context import QuadrantSplit, quadrant_thresholds
+
+    entropy = [0.1, 0.7, 0.3, 0.9, 0.2, 0.6, 0.4]
+    divergence = [0.05, 0.5, 0.15, 0.35, 0.25, 0.45, 0.01]
+    mask = [True, True, True, True, True, False, True]
+    signals = make_signals(entropy, divergence, finite=mask)
+    finite = torch.tensor(mask)
+    h, d = quadrant_thresholds(signals, QuadrantSplit(entropy_quantile=0.3, divergence_quantile=0.5))
+    nan = torch.tensor(float("nan"))
+    expected_h = nan_quantile(torch.where(finite, torch.tensor(entropy), nan), 0.3)
+    expected_d = nan_quantile(torch.where(finite, torch.tensor(divergence), nan), 0.5)
+    assert h.dtype == torch.float64 and torch.equal(h, expected_h) and torch.equal(d, expected_d)
+    assert float(d) == pytest.approx(0.2)  # median of the six finite divergences, by hand

@@ -780,3 +780,47 @@ def test_per_sequence_top_k_properties():
                 assert kept.min() >= dropped.max()
 
     check()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_history_divergence_is_taken_at_the_loss_temperature(tmp_path, temperature):
+    """REL with `sstoken_loss="divergence"` compares the history model's per-token loss with the current one's, both at
+    the trainer's temperature: at step 0 the fixed history model is the student, so REL is 0 on every token."""
+    from conftest import dist_args, left_tokenizer, prompt_dataset, record_selections
+
+    from trl_tip import TIPDistillationTrainer
+
+    tokenizer = left_tokenizer()
+    args = dist_args(
+        tmp_path,
+        token_selection="sstoken",
+        sstoken_loss="divergence",
+        sstoken_gamma=1.0,
+        temperature=temperature,
+        beta=0.5,
+    )
+    trainer = TIPDistillationTrainer(
+        model=make_model(tokenizer, 32, 1, seed=1),
+        teacher_model=make_model(tokenizer, 48, 1, seed=2),
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    recorder = record_selections(trainer)
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    completion_mask = torch.ones(3, 6, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    inputs = {
+        "prompt_ids": torch.randint(4, vocab, (3, 5), generator=g),
+        "prompt_mask": torch.ones(3, 5, dtype=torch.long),
+        "completion_ids": torch.randint(4, vocab, (3, 6), generator=g),
+        "completion_mask": completion_mask,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, inputs)
+    record = recorder.records[-1]
+    rel = record.extras["history_divergence"] - record.signals.loss
+    assert record.signals.loss.abs().max() > 1e-3  # the models disagree: a temperature mix-up would show
+    torch.testing.assert_close(rel, torch.zeros_like(rel), rtol=0, atol=1e-6)
