@@ -134,3 +134,34 @@ def test_trl_vocab_tile_matches_the_kernel():
     from trl_tip.loss import TRL_VOCAB_TILE
 
     assert chunked_divergence.VOCAB_CHUNK_SIZE == TRL_VOCAB_TILE
+
+
+def test_checkpoint_dir_is_where_trainer_saves_and_rotation_ends_the_save(tmp_path):
+    """`checkpoint_dir` (`Trainer._get_output_dir` + `checkpoint-{step}`) is the folder `Trainer._save_checkpoint`
+    writes; that method deletes old checkpoints at its end, so trl-tip writes its state into the folder before."""
+    from transformers import TrainingArguments
+
+    from trl_tip.toy import make_model, make_tokenizer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_only_model=True)
+    trainer = Trainer(model=make_model(make_tokenizer(), 16, 1), args=args)
+    trainer.state.global_step = 7
+    expected = _compat.checkpoint_dir(trainer, None)
+    assert expected == os.path.join(str(tmp_path), "checkpoint-7")
+    trainer._save_checkpoint(trainer.model, trial=None)
+    assert os.path.isfile(os.path.join(expected, _compat.TRAINER_STATE_NAME))
+    source = inspect.getsource(Trainer._save_checkpoint)
+    assert source.index("rotate_checkpoints(") > source.index("save_to_json")
+
+
+def test_distillation_generation_returns_the_step_rollouts_masks():
+    """`TIPDistillationTrainer` counts the optimizer step's rollouts after `_generate_and_score_completions`, which
+    TRL calls once per optimizer step in training (in `_prepare_inputs`) and which returns their masks."""
+    trainer = _compat.DistillationTrainer
+    assert params(trainer._generate_and_score_completions) == ["self", "inputs"]
+    source = inspect.getsource(trainer._generate_and_score_completions)
+    for key in ('"completion_mask"', '"tool_mask"', '"num_items_in_batch"'):
+        assert key in source, key
+    prepare = inspect.getsource(trainer._prepare_inputs)
+    assert "generate_every = self.args.gradient_accumulation_steps" in prepare
+    assert "self._generate_and_score_completions(generation_batch)" in prepare

@@ -309,3 +309,48 @@ def test_rejects_an_empty_dataset_at_construction(tmp_path):
             train_dataset=prompt_dataset().select([]),
             processing_class=left_tokenizer(),
         )
+
+
+def test_evaluation_loss_divides_by_num_items_in_batch_like_trl(tmp_path):
+    """In evaluation TRL's `_compute_loss` divides by the `num_items_in_batch` it is given (the local mean without
+    one); with `all`, TIPDistillationTrainer's evaluation loss is TRL's in both cases, through the same denominator
+    code as training and as TIPTrainer."""
+    student = make_model(left_tokenizer(), 32, 1, seed=1)
+    ref = make(tmp_path / "ref", DistillationTrainer, DistillationConfig, copy.deepcopy(student), beta=0.5)
+    tip = make(tmp_path / "tip", student=student, teacher=ref.teacher_model, token_selection="all", beta=0.5)
+    inputs = batch_inputs(len(left_tokenizer()), seed=6)
+    count = inputs.pop("num_items_in_batch")
+    losses = []
+    for trainer in (ref, tip):
+        trainer.model.eval()
+        with torch.no_grad():
+            losses.append(
+                [
+                    trainer.compute_loss(trainer.model, dict(inputs)),
+                    trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=count),
+                    trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=count * 2),
+                ]
+            )
+    for ours, theirs in zip(losses[1], losses[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses[1][2], losses[1][0] / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_all_equals_distillation_trainer(tmp_path):
+    student = make_model(left_tokenizer(), 32, 1, seed=1)
+    metrics = []
+    for cls, config_cls, extra in (
+        (DistillationTrainer, DistillationConfig, {}),
+        (TIPDistillationTrainer, TIPDistillationConfig, {"token_selection": "all"}),
+    ):
+        tokenizer = left_tokenizer()
+        trainer = cls(
+            model=copy.deepcopy(student),
+            teacher_model=make_model(tokenizer, 48, 1, seed=2),
+            args=dist_args(tmp_path / cls.__name__, config_cls, per_device_eval_batch_size=3, **extra),
+            train_dataset=prompt_dataset(),
+            eval_dataset=prompt_dataset(7, seed=3),
+            processing_class=tokenizer,
+        )
+        metrics.append(trainer.evaluate())
+    assert metrics[1]["eval_loss"] == pytest.approx(metrics[0]["eval_loss"], rel=1e-5)

@@ -237,3 +237,23 @@ def test_every_token_in_one_quadrant(tmp_path, student, teacher, tokenizer, data
         assert log["tip/kept_frac"] == pytest.approx(kept_frac, abs=0.03)
     if kept_frac == 0.0:
         assert log["loss"] == 0.0
+
+
+@pytest.mark.parametrize("rule", ["all", "tip"])
+def test_a_step_with_no_finite_token_raises(tmp_path, student, teacher, tokenizer, dataset, rule):
+    """A teacher with NaN weights makes every token non-finite: rather than train on nothing for the whole run (loss
+    0, grad norm 0, only `tip/skipped_nonfinite` telling), the first such step raises, naming the teacher."""
+    with torch.no_grad():
+        teacher.model.norm.weight.fill_(float("nan"))
+    trainer = build(tmp_path, student, teacher, tokenizer, dataset, token_selection=rule, max_steps=2)
+    with pytest.raises(FloatingPointError, match=r"optimizer step 0 .* the teacher's hidden states are not finite"):
+        trainer.train()
+
+
+def test_some_nonfinite_tokens_in_a_step_do_not_raise(tmp_path, student, teacher, tokenizer, dataset):
+    """Only a step without a single finite token is an error; skipped tokens among finite ones are counted."""
+    teacher.model.norm = InjectNonFinite(teacher.model.norm)
+    trainer = build(tmp_path, student, teacher, tokenizer, dataset, token_selection="all", max_steps=1)
+    trainer.train()
+    log = step_logs(trainer)[-1]
+    assert log["tip/skipped_nonfinite"] > 0 and log["tip/tokens_kept"] > 0

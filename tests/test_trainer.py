@@ -271,3 +271,51 @@ def test_resumed_run_makes_the_same_rollouts_selections_and_losses(tmp_path, stu
     for step in (2, 3):
         for key in [*metric_names(), "loss", "grad_norm"]:
             assert second[step][key] == pytest.approx(first[step][key], rel=1e-5, abs=1e-9), (step, key)
+
+
+class KilledWhileRotating(RuntimeError):
+    pass
+
+
+def test_kill_while_rotating_checkpoints_leaves_a_complete_newest_checkpoint(
+    tmp_path, student, teacher, tokenizer, dataset, monkeypatch, caplog
+):
+    """`save_total_limit`: `Trainer` deletes old checkpoints at the end of its save. The selection state is written
+    before, so a run killed right after the deletion leaves a complete newest checkpoint, and the resumed run logs
+    the `tip/*` statistics an uninterrupted run logs."""
+    import logging
+    import os
+
+    import transformers.trainer as hf_trainer
+
+    fresh = copy.deepcopy(student), copy.deepcopy(student)
+    options = dict(
+        token_selection="tip", max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1, logging_steps=3
+    )
+    reference = make_trainer(tmp_path / "reference", student, teacher, tokenizer, dataset, **options)
+    reference.train()
+
+    out = tmp_path / "killed"
+    trainer = make_trainer(out, fresh[0], teacher, tokenizer, dataset, **options)
+    rotate = hf_trainer.rotate_checkpoints
+
+    def killed_after_deleting(*args, **kwargs):
+        rotate(*args, **kwargs)  # checkpoint-1 is deleted ...
+        if trainer.state.global_step == 2:
+            raise KilledWhileRotating  # ... and the process dies before `_save_checkpoint` returns
+
+    monkeypatch.setattr(hf_trainer, "rotate_checkpoints", killed_after_deleting)
+    with pytest.raises(KilledWhileRotating):
+        trainer.train()
+    monkeypatch.undo()
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "tip_state_rank0.pt").is_file()
+
+    resumed = make_trainer(out, fresh[1], teacher, tokenizer, dataset, **{**options, "save_strategy": "no"})
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)
+    assert not [r.getMessage() for r in caplog.records if "tip_state" in r.getMessage()]
+    expected = [entry for entry in reference.state.log_history if "loss" in entry][-1]
+    log = [entry for entry in resumed.state.log_history if "loss" in entry][-1]
+    for key in metric_names():
+        assert log[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
