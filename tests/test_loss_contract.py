@@ -223,3 +223,33 @@ def test_gkd_train_step_gradient_accumulation_equals_one_batch(tmp_path):
         params.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters()})
     assert any(delta.abs().max() > 0 for delta in params[0].values())
     _assert_same_grads(params[0], params[1], "SGD update 4x1 vs 2x2")
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_gradient(tmp_path):
+    """The same rows on 2 gloo processes (two micro-batches of one row each) give the one-process, one-micro-batch
+    gradient once DDP averages the processes' gradients: both trainers, every rule above."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "split_worker.py"
+    root = worker.parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env["TRL_EXPERIMENTAL_SILENCE"] = "1"
+
+    def run(args):
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+
+    reference = run([sys.executable, str(worker), "--reference", "--out", str(tmp_path)])
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    result = run([*launch, "--master_port", str(port), str(worker), "--out", str(tmp_path)])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count(" PASS ") == 2 * 2 * len(RULES) and " FAIL " not in output, output
