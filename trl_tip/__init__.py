@@ -3,7 +3,7 @@
 from . import _quiet  # noqa: F401  (first: filters third-party import noise before PEFT / bitsandbytes load)
 from .callbacks import SelectionCallback, SelectionScheduleCallback, linear_keep_ratio
 from .config import TIPArguments, TIPConfig, TIPDistillationConfig
-from .engine import SelectionRecord, TokenBatch, TokenSelectionEngine
+from .engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine
 from .loss import OutputHead, kept_token_jsd
 from .selection import (
     AllTokens,
@@ -60,6 +60,7 @@ __all__ = [
     "SelectionRecord",
     "SelectionScheduleCallback",
     "SoftOR",
+    "StepTokens",
     "TIPArguments",
     "TIPConfig",
     "TIPDistillationConfig",
