@@ -1,8 +1,8 @@
 """`TokenSelectionEngine`: the trainer-agnostic core of trl-tip.
 
 One call per micro-batch: final hidden states and output heads of student and teacher at the eligible positions go
-in; the distillation loss on the kept tokens (scaled for the trainer's normalisation) and a [`SelectionRecord`] come
-out. In between, chunk by chunk and without grad, the per-token signals; the quadrant split and the rule's selection
+in; the distillation loss on the kept tokens (divided by the step's one denominator, see
+[`TokenSelectionEngine.loss_denominator`]) and a [`SelectionRecord`] come out. In between, chunk by chunk and without grad, the per-token signals; the quadrant split and the rule's selection
 (`trl_tip.selection`); the loss recomputed with grad on the kept positions only (`trl_tip.loss`); the Q1–Q4 statistics
 (`trl_tip.stats`). The engine knows nothing of GKD or of `DistillationTrainer`: the trainer adapters in
 `trl_tip.trainers` run the models and hand it tensors. It owns its checkpoint state (statistics, the selector's state,
