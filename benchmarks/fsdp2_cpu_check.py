@@ -170,7 +170,9 @@ def check(kind: str, rule: str, sharding: str, mesh) -> bool:
         engine.processes = Processes()
         trainer.model, trainer.teacher_model = ref_student, ref_teacher
         ref_student.train()
-        ref_loss = _loss(kind, trainer, ref_student, batch, count)
+        # The trainers divide the step's count by the accelerator's process count (DDP/FSDP average the ranks'
+        # gradients); this single-process reference runs inside the 2-process launch, so it undoes that division.
+        ref_loss = _loss(kind, trainer, ref_student, batch, count * world)
         ref_loss.backward()
         ref_grads = _full_grads(ref_student)
         engine.statistics.reset()

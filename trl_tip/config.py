@@ -6,7 +6,9 @@ once, by [`TIPArguments.validate_tip_arguments`] against the rule registry (`trl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
+from functools import cache
 
 from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
 from ._compat import DistillationConfig, GKDConfig
@@ -337,17 +339,16 @@ class TIPArguments:
     def _check_number_types(self) -> None:
         """A numeric option given as another type (e.g. the string `"0.5"` from an untyped YAML or CLI path) raises a
         `TypeError` naming the option, instead of failing later in a comparison or silently misbehaving."""
-        for spec in fields(TIPArguments):
-            kind = str(spec.type).split("|")[0].strip()
-            value = getattr(self, spec.name, None)
-            if kind not in ("float", "int") or value is None:
+        for name, kind in _numeric_fields().items():
+            value = getattr(self, name, None)
+            if value is None:
                 continue
             allowed = (int,) if kind == "int" else (int, float)
             if isinstance(value, bool) or not isinstance(value, allowed):
                 example = "an integer" if kind == "int" else "a number"
                 raise TypeError(
-                    f"{spec.name} must be {example}, got {type(value).__name__} {value!r}; pass e.g. "
-                    f"{spec.name}={'1' if kind == 'int' else '0.5'} (values read from YAML or the command line must "
+                    f"{name} must be {example}, got {type(value).__name__} {value!r}; pass e.g. "
+                    f"{name}={'1' if kind == 'int' else '0.5'} (values read from YAML or the command line must "
                     "be converted to numbers)."
                 )
 
@@ -395,6 +396,20 @@ class TIPArguments:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
         if self.tip_chunk_size < 1:
             raise ValueError(f"tip_chunk_size must be >= 1, got {self.tip_chunk_size}.")
+
+
+@cache
+def _numeric_fields() -> dict[str, str]:
+    """`"float"` or `"int"` for each numeric field of [`TIPArguments`], from its resolved type hints (not from
+    `Field.type`, which `HfArgumentParser` rewrites in place)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(TIPArguments).items():
+        args = typing.get_args(hint) or (hint,)
+        if float in args:
+            kinds[name] = "float"
+        elif int in args and bool not in args:
+            kinds[name] = "int"
+    return kinds
 
 
 def check_liger_kernel(args) -> None:
