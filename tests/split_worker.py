@@ -41,7 +41,8 @@ def _dist(trainer, rows: list[int]) -> dict[str, torch.Tensor]:
     model.train()
     model.zero_grad()
     prompt_ids, completion_ids, completion_mask = _rows(len(trainer.processing_class))
-    trainer._tip_count_step([completion_mask[rows]])  # as after TRL's generation: this process's rows of the step
+    # As after TRL's generation: this process's rows of the step, trained as one micro-batch each.
+    trainer._tip_count_step([completion_mask[rows]], micro_batches=len(rows))
     for r in rows:
         inputs = {
             "prompt_ids": prompt_ids[r : r + 1],

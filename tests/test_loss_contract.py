@@ -156,7 +156,8 @@ def _dist_step(trainer, sizes, order):
     model.zero_grad()
     prompt_ids, completion_ids, completion_mask = _rows(len(left_tokenizer()))
     prompt_ids, completion_ids, completion_mask = prompt_ids[order], completion_ids[order], completion_mask[order]
-    trainer._tip_count_step([completion_mask])  # what our `_generate_and_score_completions` does after TRL's
+    # What our `_generate_and_score_completions` does after TRL's: the step's rows, and its micro-batches.
+    trainer._tip_count_step([completion_mask], micro_batches=len(sizes))
     total = 0.0
     for s in _split(len(LENGTHS), sizes):
         inputs = {
@@ -195,8 +196,8 @@ def test_distillation_train_step_records_trl_count_of_the_step(tmp_path):
     trainer._compute_loss = spy
     trainer.train()
     assert len(seen) == 2 and seen[0][1] is seen[1][1]  # counted once for the step's two micro-batches
-    step, lengths = seen[0][1]
-    assert step == 0 and float(lengths.sum()) == seen[0][0]
+    step, lengths, micro_batches = seen[0][1]
+    assert step == 0 and float(lengths.sum()) == seen[0][0] and micro_batches == 2
     assert len(lengths) == 2 * trainer.args.per_device_train_batch_size
 
 

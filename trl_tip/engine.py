@@ -53,10 +53,13 @@ class StepTokens:
         rollout_lengths: Eligible tokens of each rollout the loss is normalised over. Training: every rollout of the
             optimizer step on every process, in any order. `None`: the micro-batch's own rollouts (over all processes
             in training), which makes a budgeted rule's loss depend on how the step is split.
+        micro_batches: With `rollout_lengths`, training: the micro-batches of the step on each process (the same on
+            every process); after the last one the step's checks run (one collective per step).
     """
 
     base_count: torch.Tensor | float | None = None
     rollout_lengths: torch.Tensor | None = None
+    micro_batches: int = 1
 
 
 @dataclass
@@ -372,7 +375,8 @@ class TokenSelectionEngine:
         loss = torch.where(denominator > 0, loss_sum / denominator.to(loss_sum.dtype).clamp_min(1e-30), loss_sum * 0.0)
         if training:
             self.statistics.update(signals, quadrant, weights, *thresholds)
-            self._check_step(signals, weights, lengths, batch, global_step, complete=step.rollout_lengths is not None)
+            micro_batches = step.micro_batches if step.rollout_lengths is not None else 1
+            self._check_step(signals, weights, batch.teacher_hidden, lengths, global_step, micro_batches)
         record = SelectionRecord(
             global_step=global_step,
             micro_step=self._micro[1] if training else self._eval_micro - 1,
@@ -417,26 +421,27 @@ class TokenSelectionEngine:
             base = torch.as_tensor(base_count, device=eligible.device).double()
         return base * ratio
 
-    def _check_step(self, signals, weights, lengths, batch, global_step: int, complete: bool) -> None:
-        """Once the optimizer step's micro-batches are all computed (over all processes): an error if every eligible
-        token was skipped as non-finite, a warning (once) if the step kept no token."""
+    def _check_step(self, signals, weights, teacher_hidden, lengths, global_step: int, micro_batches: int) -> None:
+        """After the optimizer step's last micro-batch (counted, so every process runs the one collective at the same
+        call): an error if every eligible token of the step was skipped as non-finite on every process, a warning
+        (once) if the step kept no token."""
         counts = torch.stack(
             [
-                torch.tensor(float(len(signals)), device=signals.entropy.device),
-                signals.finite.sum().float(),
-                (weights > 0).sum().float(),
-                torch.isfinite(batch.teacher_hidden).all(-1).sum().float(),
+                signals.finite.new_tensor(float(len(signals)), dtype=torch.float64),
+                signals.finite.sum().double(),
+                (weights > 0).sum().double(),
+                torch.isfinite(teacher_hidden).all(-1).sum().double(),
             ]
-        ).double()
-        counts = self.processes.reduce_sum(counts)
+        )
         if self._step_counts is None or self._step_counts[0] != global_step:
-            self._step_counts = (global_step, torch.zeros_like(counts))
-        total = self._step_counts[1] + counts
-        self._step_counts = (global_step, total)
-        eligible, finite, kept, teacher_finite = total.tolist()
-        if complete and eligible < float(lengths.sum()):
+            self._step_counts = (global_step, 0, torch.zeros_like(counts))
+        _, seen, total = self._step_counts
+        seen, total = seen + 1, total + counts.to(total.device)
+        if seen < micro_batches:
+            self._step_counts = (global_step, seen, total)
             return  # more micro-batches of this step to come
         self._step_counts = None
+        eligible, finite, kept, teacher_finite = self.processes.reduce_sum(total).tolist()
         if eligible == 0:
             return
         if finite == 0:

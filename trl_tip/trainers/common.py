@@ -169,7 +169,8 @@ class TIPTrainerMixin:
         if PROMPT_ATTENTION in self.tip_engine.model_signals or warmup is not None:
             self_attention_layer(causal_lm(self.accelerator.unwrap_model(self.model)), self._sstoken_attention_layer)
         self._tip_last_logged_step = 0
-        self._tip_step_lengths: tuple[int, torch.Tensor] | None = None
+        # (optimizer step, eligible tokens of each of its rollouts over all processes, micro-batches per process)
+        self._tip_step_lengths: tuple[int, torch.Tensor, int] | None = None
         if warmup is not None:
             self.add_callback(warmup)
         self._bind_tip_callbacks()
@@ -329,18 +330,19 @@ class TIPTrainerMixin:
             attention_mask=view.attention_mask,
             labels=view.labels,
         )
-        lengths = None
+        step = StepTokens(base_count=base_count)
         if training and self._tip_step_lengths is not None and self._tip_step_lengths[0] == self.state.global_step:
-            lengths = self._tip_step_lengths[1]
-        step = StepTokens(base_count=base_count, rollout_lengths=lengths)
+            _, lengths, micro_batches = self._tip_step_lengths
+            step = StepTokens(base_count=base_count, rollout_lengths=lengths, micro_batches=micro_batches)
         return engine.compute(batch, global_step=self.state.global_step, training=training, step=step)
 
-    def _tip_count_step(self, loss_masks: list[torch.Tensor]) -> torch.Tensor:
+    def _tip_count_step(self, loss_masks: list[torch.Tensor], micro_batches: int | None = None) -> torch.Tensor:
         """Records the rollouts of the optimizer step about to be trained, before any forward; returns their count.
 
         Call it once per optimizer step, on every process, with the loss masks (`(B, L)`, 1 where a token is trained
-        on) of all the step's micro-batches on this process. The eligible tokens of every rollout over all processes
-        are what the loss of each micro-batch of the step is normalised by ([`TokenSelectionEngine.loss_denominator`]).
+        on) of all the step's rows on this process, and the number of micro-batches they will be trained in (the
+        number of masks if `None`). The eligible tokens of every rollout over all processes are what the loss of each
+        micro-batch of the step is normalised by ([`TokenSelectionEngine.loss_denominator`]).
 
         Returns:
             `torch.Tensor`: The step's eligible tokens over all processes (0-dim long).
@@ -349,7 +351,11 @@ class TIPTrainerMixin:
         rows = [mask.reshape(mask.size(0), -1).ne(0).sum(1) for mask in loss_masks]
         lengths = torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device)
         lengths = self.tip_engine.processes.gather_rows(lengths)
-        self._tip_step_lengths = (self.state.global_step, lengths)
+        self._tip_step_lengths = (
+            self.state.global_step,
+            lengths,
+            len(loss_masks) if micro_batches is None else micro_batches,
+        )
         return lengths.sum()
 
     def _history_signals(

@@ -140,7 +140,7 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
             loss_mask = output["completion_mask"]
             if output.get("tool_mask") is not None:
                 loss_mask = loss_mask * output["tool_mask"]
-            self._tip_count_step([loss_mask])
+            self._tip_count_step([loss_mask], micro_batches=self.args.gradient_accumulation_steps)
         return output
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
