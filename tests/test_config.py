@@ -154,7 +154,7 @@ def test_cli_parser_builds_every_option(tmp_path):
     [
         ("keep_ratio", "0.5", "a number"),
         ("entropy_threshold_quantile", "0.5", "a number"),
-        ("tip_chunk_size", 8.0, "an integer"),
+        ("tip_chunk_size", "8", "an integer"),
     ],
 )
 def test_numeric_options_of_another_type_are_refused_at_config_time(tmp_path, option, value, kind):

@@ -343,7 +343,7 @@ class TIPArguments:
             value = getattr(self, name, None)
             if value is None:
                 continue
-            allowed = (int,) if kind == "int" else (int, float)
+            allowed = (int, float)  # a float for an int option is refused by its own range check
             if isinstance(value, bool) or not isinstance(value, allowed):
                 example = "an integer" if kind == "int" else "a number"
                 raise TypeError(
