@@ -42,12 +42,27 @@ if is_peft_available():
     from peft import PeftModel
 
 
-__all__ = ["ForwardView", "TIPTrainerMixin", "backbone_hidden", "backbone_of", "causal_lm", "check_peft_student"]
+__all__ = [
+    "ForwardView",
+    "TIPTrainerMixin",
+    "backbone_hidden",
+    "backbone_of",
+    "causal_lm",
+    "check_peft_student",
+    "default_config",
+]
 
 logger = logging.get_logger(__name__)
 
 TIP_STATE_NAME = "tip_state_rank{rank}.pt"
 HISTORY_STATE_NAME = "sstoken_history.pt"
+
+
+def default_config(config_class: type, model: Any, trainer_name: str) -> Any:
+    """The config a trainer builds when `args` is None, as TRL's do: every default, `output_dir` named after the model
+    (`"{model name}-{trainer_name}"`, e.g. `Qwen3-0.6B-TIP` for `model="Qwen/Qwen3-0.6B"`)."""
+    model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
+    return config_class(output_dir=f"{(model_id or '').split('/')[-1]}-{trainer_name}")
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
