@@ -134,3 +134,11 @@ def test_trl_vocab_tile_matches_the_kernel():
     from trl_tip.loss import TRL_VOCAB_TILE
 
     assert chunked_divergence.VOCAB_CHUNK_SIZE == TRL_VOCAB_TILE
+
+
+def test_tracker_url_helpers_return_none_without_a_tracker_run():
+    """trl-tip's model card shows TRL's tracker badges through TRL's helpers: no run, no link."""
+    from trl_tip._compat import get_comet_experiment_url, get_trackio_space_url
+
+    assert get_trackio_space_url() is None
+    assert get_comet_experiment_url() is None

@@ -30,7 +30,8 @@ from trl.trainer.distillation_config import DistillationConfig
 from trl.trainer.distillation_trainer import DistillationTrainer
 
 # Gathers ZeRO-3 partitioned lm_head weights for a direct read (TRL's helper for fused losses).
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+# The tracker links TRL's model card shows (`None` when the tracker is not in use): used by trl-tip's own card.
+from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url, maybe_gather_lm_head_ctx
 
 
 # GKD lives in `trl.experimental.gkd` since TRL 1.0 (top-level before); trl-tip requires TRL >= 1.16. Importing
@@ -49,6 +50,8 @@ __all__ = [
     "ForwardRedirection",
     "GKDConfig",
     "GKDTrainer",
+    "get_comet_experiment_url",
+    "get_trackio_space_url",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",

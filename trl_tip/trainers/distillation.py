@@ -54,6 +54,7 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
 
     _tag_names = ["trl", "distillation", "trl-tip"]
     _name = "TIPDistillation"
+    _tip_base_trainer = DistillationTrainer
 
     def __init__(
         self,

@@ -69,6 +69,7 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
 
     _tag_names = ["trl", "gkd", "trl-tip"]
     _name = "TIP"
+    _tip_base_trainer = GKDTrainer
     # `compute_loss` normalises by the step's token counts itself: `Trainer` must not divide by the accumulation steps.
     loss_is_scaled_for_ga = True
 
