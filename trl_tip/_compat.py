@@ -2,7 +2,7 @@
 
 Each name here has a contract test (`tests/test_compat.py`) that checks the behaviour trl-tip relies on, so that an
 upgrade that changes one breaks there, loudly, and not deep inside a training run. Tested with TRL 1.16 and
-transformers 5.17–5.23 (see `pyproject.toml` for the pins).
+transformers 5.17–5.25 (see `pyproject.toml` for the ranges and `constraints/tested.txt` for the exact tested set).
 """
 
 from __future__ import annotations
