@@ -226,6 +226,7 @@ def test_only_the_loss_and_bookkeeping_are_overridden():
         "train",
         "add_callback",
         "_save_checkpoint",
+        "create_model_card",  # credits TIP, ssToken and GKD's paper each for its part (test_model_card.py)
     }
 
 
