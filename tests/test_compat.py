@@ -165,3 +165,11 @@ def test_distillation_generation_returns_the_step_rollouts_masks():
     prepare = inspect.getsource(trainer._prepare_inputs)
     assert "generate_every = self.args.gradient_accumulation_steps" in prepare
     assert "self._generate_and_score_completions(generation_batch)" in prepare
+
+
+def test_tracker_url_helpers_return_none_without_a_tracker_run():
+    """trl-tip's model card shows TRL's tracker badges through TRL's helpers: no run, no link."""
+    from trl_tip._compat import get_comet_experiment_url, get_trackio_space_url
+
+    assert get_trackio_space_url() is None
+    assert get_comet_experiment_url() is None

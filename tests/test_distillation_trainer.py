@@ -228,6 +228,7 @@ def test_only_the_loss_and_bookkeeping_are_overridden():
         "train",
         "add_callback",
         "_save_checkpoint",
+        "create_model_card",  # credits TIP, ssToken and GKD's paper each for its part (test_model_card.py)
     }
 
 
@@ -354,3 +355,46 @@ def test_evaluate_all_equals_distillation_trainer(tmp_path):
         )
         metrics.append(trainer.evaluate())
     assert metrics[1]["eval_loss"] == pytest.approx(metrics[0]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("trainer_name", ["distillation", "gkd"])
+def test_args_none_builds_the_default_config_like_trl(tmp_path, monkeypatch, trainer_name):
+    """`args=None` raised; TRL's trainers build their config with every default and `output_dir` named after the
+    model (`DistillationTrainer`: "{model}-Distillation"). Ours build theirs: every TRL default unchanged."""
+    from trl_tip import TIPConfig, TIPTrainer
+    from trl_tip._compat import GKDConfig
+    from trl_tip.toy import arithmetic_dataset, make_tokenizer
+
+    # TRL's configs default to bf16, which TrainingArguments refuses on a CPU without use_cpu: validate as on a GPU.
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    tokenizer = left_tokenizer() if trainer_name == "distillation" else make_tokenizer()
+
+    def student():
+        model = make_model(tokenizer, 32, 1, seed=1)
+        model.config.name_or_path = "org/tiny-student"
+        return model
+
+    teacher = make_model(tokenizer, 48, 1, seed=2)
+    if trainer_name == "distillation":
+        data = prompt_dataset()
+        ours = TIPDistillationTrainer(
+            model=student(), teacher_model=teacher, train_dataset=data, processing_class=tokenizer
+        )
+        trl = DistillationTrainer(
+            model=student(), teacher_model=teacher, train_dataset=data, processing_class=tokenizer
+        )
+        assert type(ours.args) is TIPDistillationConfig and ours.args.output_dir == "tiny-student-TIPDistillation"
+        assert trl.args.output_dir == "tiny-student-Distillation"
+        reference = trl.args.to_dict()
+    else:  # GKDTrainer itself fails on args=None (TRL 1.16 sets args.remove_unused_columns first): GKDConfig's defaults
+        ours = TIPTrainer(
+            model=student(), teacher_model=teacher, train_dataset=arithmetic_dataset(8), processing_class=tokenizer
+        )
+        assert type(ours.args) is TIPConfig and ours.args.output_dir == "tiny-student-TIP"
+        reference = GKDConfig(output_dir="tiny-student-TIP", remove_unused_columns=False).to_dict()
+        reference["dataset_kwargs"] = {"skip_prepare_dataset": True}  # what GKDTrainer sets on any config
+    ours_dict = ours.args.to_dict()
+    differing = {k for k in reference if k != "output_dir" and reference[k] != ours_dict[k]}
+    assert differing == set()
+    assert ours.args.token_selection == "entropy_sample"  # TIPArguments' own default

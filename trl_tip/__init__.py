@@ -1,6 +1,6 @@
 """trl-tip: on-policy distillation for TRL that trains only on the tokens that carry signal."""
 
-from . import _quiet  # noqa: F401  (first: filters third-party import noise before PEFT / bitsandbytes load)
+from . import _quiet  # noqa: F401  (first: imports bitsandbytes without its kernel-fetch notices, before PEFT does)
 from .callbacks import SelectionCallback, SelectionScheduleCallback, linear_keep_ratio
 from .config import TIPArguments, TIPConfig, TIPDistillationConfig
 from .engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine

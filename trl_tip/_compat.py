@@ -2,7 +2,7 @@
 
 Each name here has a contract test (`tests/test_compat.py`) that checks the behaviour trl-tip relies on, so that an
 upgrade that changes one breaks there, loudly, and not deep inside a training run. Tested with TRL 1.16 and
-transformers 5.17–5.23 (see `pyproject.toml` for the pins).
+transformers 5.17–5.25 (see `pyproject.toml` for the ranges and `constraints/tested.txt` for the exact tested set).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from trl.trainer.distillation_config import DistillationConfig
 from trl.trainer.distillation_trainer import DistillationTrainer
 
 # Gathers ZeRO-3 partitioned lm_head weights for a direct read (TRL's helper for fused losses).
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+# The tracker links TRL's model card shows (`None` when the tracker is not in use): used by trl-tip's own card.
+from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url, maybe_gather_lm_head_ctx
 
 
 # GKD lives in `trl.experimental.gkd` since TRL 1.0 (top-level before); trl-tip requires TRL >= 1.16. Importing
@@ -63,6 +64,8 @@ __all__ = [
     "GKDConfig",
     "GKDTrainer",
     "checkpoint_dir",
+    "get_comet_experiment_url",
+    "get_trackio_space_url",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",

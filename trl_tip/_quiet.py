@@ -1,10 +1,15 @@
 """Third-party messages that come from trl-tip's own imports and calls, not from the user's code, and how they are
-silenced: narrowly, by logger and message, so that every other warning still reaches the user.
+silenced: narrowly, by the logger (or the call) that emits them, so that every other warning still reaches the user.
 
-- bitsandbytes' CPU backend logs "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
-  'kernels'" when it is imported (trl-tip imports it through PEFT) on a CPU with AVX512-BF16 and the optional
-  `kernels` package is missing; it then uses its own kernel. Dropped by [`install_import_filters`] (only that case:
-  any other failure to load the kernel is still logged).
+- bitsandbytes' CPU backend, when it is imported, tries to fetch an optional faster 4-bit CPU kernel from the Hub
+  (`kernels-community/quantization-bitsandbytes`, through the `kernels` package, on CPUs with AVX512-BF16) and logs
+  whenever it cannot ("Failed to load CPU gemm_4bit_forward ...": `kernels` missing, Hub offline, publisher not
+  verifiable; `kernels` itself logs "Skipping publisher trust check ..." offline); it then uses its own kernel.
+  bitsandbytes is imported by PEFT, which transformers' `Trainer` imports, so every `import trl_tip` triggers it.
+  [`import_bitsandbytes_quietly`] imports it first, with the two loggers of that fetch (`kernels` and
+  bitsandbytes' CPU backend) raised to ERROR for the duration of the import only: whatever the wording, the
+  fetch's warnings are dropped; bitsandbytes' other import messages, and every later message of both, are kept.
+  (It cannot be deferred until a 4-bit model is requested: PEFT imports it whenever the `Trainer` is imported.)
 - TRL's "You are importing from 'trl.experimental'" warning when trl-tip imports `GKDTrainer`: see `_compat.py`.
 - `GKDTrainer`'s "This GKD configuration ... is fully covered by `DistillationTrainer` ... Consider migrating" hint,
   when the trainer is a `TIPTrainer` (whose counterpart is `TIPDistillationTrainer`): see [`quiet_logger`].
@@ -12,14 +17,19 @@ silenced: narrowly, by logger and message, so that every other warning still rea
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 
-__all__ = ["MessageFilter", "MissingKernelsFilter", "install_import_filters", "quiet_logger"]
+__all__ = ["MessageFilter", "import_bitsandbytes_quietly", "quiet_logger", "raised_log_level"]
 
+# The loggers of bitsandbytes' import-time kernel fetch: its CPU backend, and the `kernels` package (whose modules log
+# under `kernels.*`, children that inherit the level set here).
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNELS_LOGGER = "kernels"
 
 
 class MessageFilter(logging.Filter):
@@ -34,20 +44,33 @@ class MessageFilter(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
-class MissingKernelsFilter(logging.Filter):
-    """Drops bitsandbytes' import-time warning that the optional `kernels` package is not installed."""
+@contextmanager
+def raised_log_level(names: Sequence[str], level: int = logging.ERROR) -> Iterator[None]:
+    """Within the block, the loggers `names` (and their children that set no level of their own) emit only records of
+    `level` or above; their levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.level))
+    try:
+        yield
+    finally:
+        for logger, old_level in zip(loggers, previous):
+            logger.setLevel(old_level)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        missing_kernels = any(isinstance(a, ModuleNotFoundError) and a.name == "kernels" for a in args)
-        return not (missing_kernels and "kernels-community" in str(record.msg))
 
-
-def install_import_filters() -> None:
-    """Installs the import-time filters (once); called when `trl_tip` is imported, before PEFT and bitsandbytes."""
-    bnb_logger = logging.getLogger(BNB_CPU_LOGGER)
-    if not any(isinstance(f, MissingKernelsFilter) for f in bnb_logger.filters):
-        bnb_logger.addFilter(MissingKernelsFilter())
+def import_bitsandbytes_quietly() -> None:
+    """Imports bitsandbytes, if installed and not imported yet, without the warnings of its optional kernel fetch;
+    called when `trl_tip` is imported, before PEFT imports bitsandbytes (see the module docstring)."""
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    with raised_log_level((BNB_CPU_LOGGER, KERNELS_LOGGER)):
+        try:
+            import bitsandbytes  # noqa: F401
+        except (
+            ImportError
+        ):  # as PEFT does: an unusable bitsandbytes is PEFT's to report when a 4-bit model asks for it
+            pass
 
 
 @contextmanager
@@ -62,4 +85,4 @@ def quiet_logger(name: str, *fragments: str) -> Iterator[None]:
         target.removeFilter(message_filter)
 
 
-install_import_filters()
+import_bitsandbytes_quietly()

@@ -19,11 +19,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers import is_wandb_available
 from transformers.utils import is_peft_available, logging
 
-from .._compat import TRAINER_STATE_NAME, ForwardRedirection, checkpoint_dir, sort_checkpoints
+from .._compat import (
+    TRAINER_STATE_NAME,
+    ForwardRedirection,
+    checkpoint_dir,
+    get_comet_experiment_url,
+    get_trackio_space_url,
+    sort_checkpoints,
+)
 from ..engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine
 from ..loss import OutputHead
+from ..model_card import TIP_PAPER, selector_parts, tip_model_card
 from ..selection import TokenSelector, build_selector
 from ..selection.context import Processes
 from ..signals import history_token_losses
@@ -42,12 +51,27 @@ if is_peft_available():
     from peft import PeftModel
 
 
-__all__ = ["ForwardView", "TIPTrainerMixin", "backbone_hidden", "backbone_of", "causal_lm", "check_peft_student"]
+__all__ = [
+    "ForwardView",
+    "TIPTrainerMixin",
+    "backbone_hidden",
+    "backbone_of",
+    "causal_lm",
+    "check_peft_student",
+    "default_config",
+]
 
 logger = logging.get_logger(__name__)
 
 TIP_STATE_NAME = "tip_state_rank{rank}.pt"
 HISTORY_STATE_NAME = "sstoken_history.pt"
+
+
+def default_config(config_class: type, model: Any, trainer_name: str) -> Any:
+    """The config a trainer builds when `args` is None, as TRL's do: every default, `output_dir` named after the model
+    (`"{model name}-{trainer_name}"`, e.g. `Qwen3-0.6B-TIP` for `model="Qwen/Qwen3-0.6B"`)."""
+    model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
+    return config_class(output_dir=f"{(model_id or '').split('/')[-1]}-{trainer_name}")
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -130,6 +154,11 @@ class ForwardView:
 class TIPTrainerMixin:
     """Token selection for a TRL distillation trainer; see the module docstring."""
 
+    # The TRL trainer the adapter extends (its name and `_paper` go into the model card as the base method).
+    _tip_base_trainer: type
+    # TRL's trainers credit `_paper` as their method; a trl-tip trainer's token selection is TIP's.
+    _paper = TIP_PAPER
+
     # Set by `_init_tip`.
     tip_engine: TokenSelectionEngine
     selector: TokenSelector
@@ -140,6 +169,7 @@ class TIPTrainerMixin:
     def _init_tip(self, args, selector: TokenSelector | None, beta: float, temperature: float = 1.0) -> None:
         """Builds the engine (and ssToken's history model when the rule needs one); call after `Trainer.__init__`."""
         self.selector = selector if selector is not None else build_selector(args)
+        self._tip_custom_selector = selector is not None
         if getattr(self, "_forward_redirection", None) is None:
             self._forward_redirection = ForwardRedirection()
         self.tip_engine = TokenSelectionEngine(
@@ -412,6 +442,57 @@ class TIPTrainerMixin:
         so evaluating the same model on the same data selects the same tokens."""
         self.tip_engine.start_evaluation()
         return super().evaluate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ model card
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """Writes `README.md` in `output_dir` as TRL's trainers do, crediting TIP for the token selection, ssToken when
+        its rule is used and the base trainer's paper (GKD's) as that trainer's method (see `trl_tip.model_card`)."""
+        if not self.is_world_process_zero():
+            return
+        model_id = getattr(self.model.config, "name_or_path", None)
+        base_model = model_id if model_id and not os.path.isdir(model_id) else None
+        tags = set() if tags is None else {tags} if isinstance(tags, str) else set(tags)
+        if hasattr(self.model.config, "unsloth_version"):
+            tags.add("unsloth")
+        if "JOB_ID" in os.environ:
+            tags.add("hf_jobs")
+        tags.update(self._tag_names)
+        trackio_url = get_trackio_space_url()
+        if trackio_url is not None:
+            tags = {tag for tag in tags if not tag.startswith("trackio:")} | {f"trackio:{trackio_url}"}
+        wandb_url = None
+        if is_wandb_available():
+            import wandb
+
+            wandb_url = wandb.run.url if wandb.run is not None else None
+        if self._tip_custom_selector:
+            selection = f"a custom selector ({type(self.selector).__name__})"
+        else:
+            selection = f'token_selection="{self.args.token_selection}"'
+            if getattr(self.args, "keep_ratio", None) is not None:
+                selection += f", keep_ratio={self.args.keep_ratio}"
+        uses_sstoken = self.args.token_selection == "sstoken" or any(
+            isinstance(part, SSToken) for part in selector_parts(self.selector)
+        )
+        card = tip_model_card(
+            base_model=base_model,
+            model_name=model_name,
+            hub_model_id=self.hub_model_id,
+            dataset_name=dataset_name,
+            tags=sorted(tags),
+            trainer_name=type(self).__name__,
+            base_trainer=self._tip_base_trainer.__name__,
+            base_paper=self._tip_base_trainer._paper,
+            selection=selection,
+            uses_sstoken=uses_sstoken,
+            wandb_url=wandb_url,
+            trackio_url=trackio_url,
+            comet_url=get_comet_experiment_url(),
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from .._compat import DistillationTrainer
 from ..config import TIPDistillationConfig
 from ..selection import TokenSelector
-from .common import ForwardView, TIPTrainerMixin
+from .common import ForwardView, TIPTrainerMixin, default_config
 from .data_checks import check_not_empty
 
 
@@ -47,12 +47,14 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
     Args:
         model, teacher_model, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
         quantization_config, peft_config, tools: As in TRL's `DistillationTrainer`.
-        args ([`TIPDistillationConfig`]): Every `DistillationConfig` option plus the token-selection options.
+        args ([`TIPDistillationConfig`], *optional*): Every `DistillationConfig` option plus the token-selection
+            options. Without it, as in TRL, the defaults with `output_dir="{model name}-TIPDistillation"`.
         selector ([`TokenSelector`], *optional*): A custom selection rule; replaces `args.token_selection`.
     """
 
     _tag_names = ["trl", "distillation", "trl-tip"]
     _name = "TIPDistillation"
+    _tip_base_trainer = DistillationTrainer
 
     def __init__(
         self,
@@ -69,11 +71,8 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
         tools: list[Callable] | None = None,
         selector: TokenSelector | None = None,
     ):
-        if args is None:
-            raise ValueError(
-                "TIPDistillationTrainer needs `args`, a TIPDistillationConfig (e.g. "
-                "TIPDistillationConfig(output_dir='out'))."
-            )
+        if args is None:  # as DistillationTrainer: every default, output_dir "{model name}-TIPDistillation"
+            args = default_config(TIPDistillationConfig, model, self._name)
         if not isinstance(args, TIPDistillationConfig):
             raise TypeError(
                 f"TIPDistillationTrainer needs a TIPDistillationConfig as `args`, got {type(args).__name__}; build "

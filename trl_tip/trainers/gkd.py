@@ -16,7 +16,7 @@ from ..config import TIPConfig
 from ..generation import StepGenerator, fast_generation_problem, unwrap_for_generation
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
-from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student
+from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student, default_config
 from .data_checks import check_chat_columns, check_chat_template, check_conversations, check_not_empty
 
 
@@ -54,8 +54,9 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
     are `GKDTrainer`'s.
 
     Args:
-        args ([`TIPConfig`]):
-            The training configuration: every `GKDConfig` option plus the token-selection options.
+        args ([`TIPConfig`], *optional*):
+            The training configuration: every `GKDConfig` option plus the token-selection options. Without it, as
+            TRL's trainers do, the defaults with `output_dir="{model name}-TIP"`.
         selector ([`TokenSelector`], *optional*):
             A custom selection rule; replaces the one named by `args.token_selection`. It is called with the
             [`TokenSignals`] of the eligible tokens and a [`SelectionContext`] and returns a boolean keep-mask or
@@ -70,6 +71,7 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
 
     _tag_names = ["trl", "gkd", "trl-tip"]
     _name = "TIP"
+    _tip_base_trainer = GKDTrainer
     # `compute_loss` normalises by the step's token counts itself: `Trainer` must not divide by the accumulation steps.
     loss_is_scaled_for_ga = True
 
@@ -92,8 +94,8 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
         quantization_config: Any = None,
         teacher_quantization_config: Any = None,
     ):
-        if args is None:
-            raise ValueError("TIPTrainer needs `args`, a TIPConfig (e.g. TIPConfig(output_dir='out')).")
+        if args is None:  # as TRL's trainers do: every default, output_dir "{model name}-TIP"
+            args = default_config(TIPConfig, model, self._name)
         if not isinstance(args, TIPConfig):
             raise TypeError(
                 f"TIPTrainer needs a TIPConfig as `args`, got {type(args).__name__}; build TIPConfig(**your_gkd_args)."
