@@ -15,6 +15,8 @@ from trl_tip.selection import (
     sample_without_replacement,
     validate_selection,
 )
+from trl_tip.selection.registry import one_of
+from trl_tip.selection.rules import check_choice
 from trl_tip.signals import TokenSignals
 
 
@@ -180,3 +182,12 @@ def test_validate_selection_errors():
 def test_keep_ratio_validated(bad):
     with pytest.raises(ValueError, match="keep_ratio"):
         RandomTokens(bad)
+
+
+def test_one_of_names_the_option_and_the_allowed_values():
+    check = one_of("budget_scope", ("rollout", "batch"))
+    assert check("batch") is None
+    assert check("step") == "budget_scope='step' is unknown; allowed values: rollout, batch."
+    assert check_choice("budget_scope", "rollout", ("rollout", "batch")) == "rollout"
+    with pytest.raises(ValueError, match=r"^budget_scope='step' is unknown; allowed values: rollout, batch\.$"):
+        check_choice("budget_scope", "step", ("rollout", "batch"))
