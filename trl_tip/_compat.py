@@ -1,4 +1,5 @@
-"""Every TRL / transformers API trl-tip uses that is private, experimental or moved between releases, in one place.
+"""Every TRL / transformers / torch API trl-tip uses that is private, experimental or moved between releases, in one
+place.
 
 Each name here has a contract test (`tests/test_compat.py`) that checks the behaviour trl-tip relies on, so that an
 upgrade that changes one breaks there, loudly, and not deep inside a training run. Tested with TRL 1.16 and
@@ -8,6 +9,11 @@ transformers 5.17–5.23 (see `pyproject.toml` for the pins).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
 
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
 from transformers.trainer import TRAINER_STATE_NAME
@@ -25,7 +31,8 @@ from trl.models.utils import _ForwardRedirection as ForwardRedirection
 from trl.models.utils import unwrap_model_for_generation
 
 # The mainline on-policy distillation trainer (TRL >= 1.16). `_compute_loss(unwrapped_student, inputs,
-# num_items_in_batch) -> (loss, entropy_sum, num_valid)` and `_get_last_hidden_state` are private: contract-tested.
+# num_items_in_batch) -> (loss, entropy_sum, num_valid)` is private (TIPDistillationTrainer overrides it) and
+# `_get_last_hidden_state` too (called through `last_hidden_state` below): both contract-tested.
 from trl.trainer.distillation_config import DistillationConfig
 from trl.trainer.distillation_trainer import DistillationTrainer
 
@@ -40,6 +47,26 @@ with warnings.catch_warnings():
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 
+def last_hidden_state(
+    trainer: DistillationTrainer,
+    unwrapped_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """TRL's private `DistillationTrainer._get_last_hidden_state`: the backbone's last hidden states (no `lm_head`) at
+    the `logits_to_keep` positions before the last, `(B, logits_to_keep, d)`; position `j` predicts token
+    `L - logits_to_keep + j`. `model_kwargs` are the multimodal fields TRL forwards (`pixel_values`, ...)."""
+    return trainer._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **model_kwargs)
+
+
+def forward_hooks(module: nn.Module) -> dict[int, Callable]:
+    """torch's private `Module._forward_hooks`: the module's forward hooks (without kwargs), keyed by the id of their
+    `RemovableHandle`, in call order. Deleting a key removes that hook, as `handle.remove()` does."""
+    return module._forward_hooks
+
+
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "TRAINER_STATE_NAME",
@@ -49,6 +76,8 @@ __all__ = [
     "ForwardRedirection",
     "GKDConfig",
     "GKDTrainer",
+    "forward_hooks",
+    "last_hidden_state",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",
