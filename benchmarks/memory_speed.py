@@ -63,7 +63,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import trl_tip  # noqa: E402
 import trl_tip.engine as tip_engine_module  # noqa: E402
 from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
-from trl_tip._compat import DistillationConfig, DistillationTrainer, GKDConfig, GKDTrainer  # noqa: E402
+from trl_tip._compat import DistillationConfig, DistillationTrainer, GKDConfig, GKDTrainer, forward_hooks  # noqa: E402
 from trl_tip.selection import TOKEN_SELECTIONS  # noqa: E402
 
 
@@ -557,9 +557,9 @@ def drop_input_grad_hooks(model) -> int:
     removed = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
-            for key, hook in list(module._forward_hooks.items()):
+            for key, hook in list(forward_hooks(module).items()):
                 if getattr(hook, "__name__", "") == "make_inputs_require_grads":
-                    del module._forward_hooks[key]
+                    del forward_hooks(module)[key]
                     removed += 1
     return removed
 
