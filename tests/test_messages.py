@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_args
 
 from trl_tip import TIPTrainer
@@ -27,6 +28,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_help_prints_only_the_help():
     """Importing trl-tip (here for `trl-tip train --help`) printed TRL's experimental warning first."""
     result = _run("train", "--help")
@@ -35,6 +37,7 @@ def test_train_help_prints_only_the_help():
     assert result.stdout.startswith("usage: trl-tip train [--config RECIPE.yaml]")
 
 
+@pytest.mark.slow
 def test_demo_prints_progress_and_the_table_only(tmp_path):
     result = _run(
         "demo", "--max_steps", "2", "--teacher_steps", "2", "--student_steps", "1", "--output_dir", str(tmp_path)
