@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port, launch_env
 
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "ddp_check.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    env["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    env = launch_env()
     # A hang (e.g. a rank skipping a collective when it keeps no token) fails the test instead of blocking CI.
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=170)
 
@@ -35,7 +25,7 @@ def test_two_process_cpu_launch_matches_one_process(tmp_path):
     reference = _run([sys.executable, str(SCRIPT), "--reference", "--out", out, "--train_steps", "0"])
     assert reference.returncode == 0, reference.stdout + reference.stderr
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     result = _run([*launch, str(SCRIPT), "--out", out, "--train_steps", "2", "--json", str(report_path)])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

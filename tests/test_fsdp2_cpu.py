@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port, launch_env
 
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "fsdp2_cpu_check.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    env["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    env = launch_env()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT)]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT)]
     result = subprocess.run(
         [*launch, "--json", str(tmp_path / "fsdp2.json")], env=env, capture_output=True, text=True, timeout=240
     )
