@@ -22,7 +22,7 @@ CPU (gloo):
 GPU (NCCL), e.g. 2 GPUs (the reference run pins itself to the first visible GPU):
     python benchmarks/ddp_check.py --reference --out /tmp/ddp --device cuda
     torchrun --nproc_per_node 2 benchmarks/ddp_check.py --out /tmp/ddp --device cuda
-Exits with status 1 if a check fails.
+`--json FILE` writes the report (`check`'s return value) for tests and tools. Exits with status 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -172,25 +172,23 @@ def _train_logs(output_dir: str, device: str, steps: int = 2, rule: str = "quadr
     return [{k: v for k, v in log.items() if k.startswith("tip/") or k == "loss"} for log in trainer.state.log_history]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder of the one-process reference (written or read)")
-    parser.add_argument("--reference", action="store_true", help="compute the one-process reference")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--train_steps", type=int, default=2, help="steps of the DDP train() check (0: skip)")
-    ns = parser.parse_args()
-    if ns.reference and ns.device == "cuda" and "WORLD_SIZE" not in os.environ:
-        # One process must see one GPU: with several, `Trainer` would use nn.DataParallel, which TRL refuses.
-        # Set before CUDA is initialised (importing torch does not initialise it).
-        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    os.makedirs(ns.out, exist_ok=True)
+def check(out: str, reference: bool = False, device: str = "cpu", train_steps: int = 2) -> dict:
+    """Runs the check on this process (one of `WORLD_SIZE`); returns the report, the same on every rank.
+
+    With `reference`, computes the one-process reference, saves it to `out/reference.pt` and returns
+    `{"reference": path}`. Otherwise returns `{"passed", "world_size", "rules", "train"}`: per rule, each rank's rows,
+    thresholds and kept-token counts (`per_rank`), whether thresholds and statistics are equal on all ranks and to the
+    one-process run, the loss and gradient differences and `passed`; per `train()` rule, whether the loss was finite,
+    the `tip/*` logs identical on all ranks, the logged kept shares and `passed`.
+    """
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-    results, ok = {}, True
+    results = {}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rules = [rule for rule in RULES if rule != "rank0_keeps_nothing" or world_size <= 2]
     with tempfile.TemporaryDirectory() as tmp:
         for rule in rules:
-            trainer, dataset = _trainer(rule, tmp, ns.device)
+            trainer, dataset = _trainer(rule, tmp, device)
             results[rule] = _step(trainer, dataset)
             rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
             r = results[rule]
@@ -201,62 +199,115 @@ def main() -> int:
                 f"q3_frac={r['stats']['tip/q3/frac']:.4f} loss(mean over ranks)={r['loss']:.8f}",
                 flush=True,
             )
-        if ns.reference:
-            torch.save(results, os.path.join(ns.out, "reference.pt"))
-            print(f"reference written to {ns.out}/reference.pt")
-            return 0
-        reference = torch.load(os.path.join(ns.out, "reference.pt"), weights_only=False)
+        if reference:
+            path = os.path.join(out, "reference.pt")
+            torch.save(results, path)
+            print(f"reference written to {path}")
+            return {"reference": path}
+        ref_results = torch.load(os.path.join(out, "reference.pt"), weights_only=False)
         everyone = _gather({rule: {k: v for k, v in r.items() if k != "grads"} for rule, r in results.items()})
-        lines = []
+        report = {"passed": True, "world_size": world_size, "rules": [], "train": []}
         for rule, r in results.items():
-            ref = reference[rule]
-            same_thresholds = all(e[rule]["thresholds"] == r["thresholds"] for e in everyone)
-            same_stats = all(e[rule]["stats"] == r["stats"] for e in everyone)
-            close_thresholds = torch.allclose(
-                torch.tensor(r["thresholds"]), torch.tensor(ref["thresholds"]), 1e-5, 1e-7
+            ref = ref_results[rule]
+            row = {
+                "rule": rule,
+                "per_rank": [
+                    {
+                        "rank": rank,
+                        "rows": [e[rule]["rows"][0], e[rule]["rows"][-1]],
+                        "eligible": e[rule]["eligible"],
+                        "kept_here": e[rule]["kept_here"],
+                        "thresholds": e[rule]["thresholds"],
+                    }
+                    for rank, e in enumerate(everyone)
+                ],
+                "thresholds": r["thresholds"],
+                "reference_thresholds": ref["thresholds"],
+                "same_thresholds": all(e[rule]["thresholds"] == r["thresholds"] for e in everyone),
+                "close_thresholds": torch.allclose(
+                    torch.tensor(r["thresholds"]), torch.tensor(ref["thresholds"]), 1e-5, 1e-7
+                ),
+                "same_stats": all(e[rule]["stats"] == r["stats"] for e in everyone),
+                "stat_diff": max(
+                    abs(r["stats"][k] - ref["stats"][k]) / max(1.0, abs(ref["stats"][k])) for k in ref["stats"]
+                ),
+                "loss": r["loss"],
+                "reference_loss": ref["loss"],
+                "loss_diff": abs(r["loss"] - ref["loss"]),
+                "grad_diff": float((r["grads"] - ref["grads"]).abs().max() / ref["grads"].abs().max()),
+            }
+            row["passed"] = bool(
+                row["same_thresholds"]
+                and row["same_stats"]
+                and row["close_thresholds"]
+                and row["stat_diff"] < 1e-5
+                and row["loss_diff"] < 1e-6 * max(1.0, abs(ref["loss"]))
+                and row["grad_diff"] < 1e-4
             )
-            stat_diff = max(
-                abs(r["stats"][k] - ref["stats"][k]) / max(1.0, abs(ref["stats"][k])) for k in ref["stats"]
-            )
-            loss_diff = abs(r["loss"] - ref["loss"])
-            grad_diff = float((r["grads"] - ref["grads"]).abs().max() / ref["grads"].abs().max())
-            passed = (
-                same_thresholds
-                and same_stats
-                and close_thresholds
-                and stat_diff < 1e-5
-                and loss_diff < 1e-6 * max(1.0, abs(ref["loss"]))
-                and grad_diff < 1e-4
-            )
-            ok &= passed
-            lines.append(
-                f"rule={rule}: thresholds equal on all ranks={same_thresholds}, = 1-process "
-                f"({ref['thresholds'][0]:.6f}, {ref['thresholds'][1]:.6f}): {close_thresholds}; "
-                f"stats equal on all ranks={same_stats}, max rel diff to 1-process={stat_diff:.2e}; "
-                f"loss {r['loss']:.8f} vs 1-process {ref['loss']:.8f} (diff {loss_diff:.2e}); "
-                f"grad max rel diff {grad_diff:.2e} -> {'PASS' if passed else 'FAIL'}"
-            )
-        for rule in ("quadrants_q3", "rank0_keeps_nothing") if ns.train_steps else ():
+            report["passed"] &= row["passed"]
+            report["rules"].append(row)
+        for rule in ("quadrants_q3", "rank0_keeps_nothing") if train_steps else ():
             if rule not in rules:
                 continue
-            logs = _train_logs(os.path.join(tmp, f"train_{rule}"), ns.device, ns.train_steps, rule)
+            logs = _train_logs(os.path.join(tmp, f"train_{rule}"), device, train_steps, rule)
             all_logs = _gather(logs)
-            same_logs = all(entry == all_logs[0] for entry in all_logs)
             step_logs = [log for log in logs if "tip/kept_frac" in log]
-            finite = all(torch.isfinite(torch.tensor(log["loss"])) for log in step_logs)
-            ok &= same_logs and len(step_logs) == ns.train_steps and finite
+            row = {
+                "rule": rule,
+                "steps": len(step_logs),
+                "finite": all(torch.isfinite(torch.tensor(log["loss"])) for log in step_logs),
+                "same_logs": all(entry == all_logs[0] for entry in all_logs),
+                "kept_frac": [log["tip/kept_frac"] for log in step_logs],
+                "last": {k: round(v, 6) for k, v in logs[-2].items()} if len(logs) > 1 else logs,
+            }
+            row["passed"] = row["same_logs"] and row["steps"] == train_steps and row["finite"]
             if rule == "rank0_keeps_nothing" and world_size > 1:
                 # Rank 0 kept nothing, rank 1 everything: the logged share is strictly between 0 and 1.
-                ok &= all(0.0 < log["tip/kept_frac"] < 1.0 for log in step_logs)
-            lines.append(
-                f"train() rule={rule}: {ns.train_steps} DDP steps with generation, finite loss={finite}, tip/* logs "
-                f"identical on all ranks={same_logs}; last: "
-                + json.dumps({k: round(v, 6) for k, v in logs[-2].items()} if len(logs) > 1 else logs)
-            )
+                row["passed"] &= all(0.0 < frac < 1.0 for frac in row["kept_frac"])
+            report["passed"] &= row["passed"]
+            report["train"].append(row)
+    return report
+
+
+def report_lines(report: dict) -> list[str]:
+    """The summary rank 0 prints: one line per rule and per `train()` check, then the verdict."""
+    lines = [
+        f"rule={r['rule']}: thresholds equal on all ranks={r['same_thresholds']}, = 1-process "
+        f"({r['reference_thresholds'][0]:.6f}, {r['reference_thresholds'][1]:.6f}): {r['close_thresholds']}; "
+        f"stats equal on all ranks={r['same_stats']}, max rel diff to 1-process={r['stat_diff']:.2e}; "
+        f"loss {r['loss']:.8f} vs 1-process {r['reference_loss']:.8f} (diff {r['loss_diff']:.2e}); "
+        f"grad max rel diff {r['grad_diff']:.2e} -> {'PASS' if r['passed'] else 'FAIL'}"
+        for r in report["rules"]
+    ]
+    lines += [
+        f"train() rule={t['rule']}: {t['steps']} DDP steps with generation, finite loss={t['finite']}, tip/* logs "
+        f"identical on all ranks={t['same_logs']}; last: " + json.dumps(t["last"])
+        for t in report["train"]
+    ]
+    return [*lines, f"DDP CHECK {'PASSED' if report['passed'] else 'FAILED'}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder of the one-process reference (written or read)")
+    parser.add_argument("--reference", action="store_true", help="compute the one-process reference")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--train_steps", type=int, default=2, help="steps of the DDP train() check (0: skip)")
+    parser.add_argument("--json", default=None, help="rank 0 writes the report (see `check`) to this JSON file")
+    ns = parser.parse_args(argv)
+    if ns.reference and ns.device == "cuda" and "WORLD_SIZE" not in os.environ:
+        # One process must see one GPU: with several, `Trainer` would use nn.DataParallel, which TRL refuses.
+        # Set before CUDA is initialised (importing torch does not initialise it).
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    report = check(ns.out, ns.reference, ns.device, ns.train_steps)
+    if ns.reference:
+        return 0
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print("\n".join(lines))
-        print("DDP CHECK", "PASSED" if ok else "FAILED", flush=True)
-    return 0 if ok else 1
+        print("\n".join(report_lines(report)), flush=True)
+        if ns.json:
+            with open(ns.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+    return 0 if report["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -14,14 +14,17 @@ sharded models with the step's token count over all ranks, and backpropagates. R
 rule and a PASS/FAIL table: the mean over ranks of the losses equals the reference loss, and the full gradients
 (`DTensor.full_tensor()` of the reduce-scattered shards) equal the reference gradients.
 
-    python -m torch.distributed.run --nproc_per_node 2 benchmarks/fsdp2_cpu_check.py
+    python -m torch.distributed.run --nproc_per_node 2 benchmarks/fsdp2_cpu_check.py [--json report.json]
 
-Exits with status 1 if a check fails.
+`--json FILE` writes the report's rows (`check`'s return values) for tests and tools. Exits with status 1 if a check
+fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -155,7 +158,9 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
     return grads
 
 
-def check(kind: str, rule: str, sharding: str, mesh) -> bool:
+def check(kind: str, rule: str, sharding: str, mesh) -> dict:
+    """One trainer, rule and sharding: this rank's row of the report (`loss`, `reference_loss`, `worst_grad_diff`,
+    `passed`), the loss being the mean over ranks."""
     from trl_tip.selection.context import Processes
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -202,27 +207,53 @@ def check(kind: str, rule: str, sharding: str, mesh) -> bool:
         f"-> {'PASS' if ok else 'FAIL'}",
         flush=True,
     )
-    return ok
+    return {
+        "trainer": kind,
+        "rule": rule,
+        "sharding": sharding,
+        "loss": float(mean_loss),
+        "reference_loss": float(ref_loss),
+        "worst_grad_diff": worst,
+        "passed": ok,
+    }
 
 
-def main() -> int:
+def run_checks() -> list[dict]:
+    """Every trainer, rule and sharding on this rank (of an initialised gloo group); the rows of the report."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo")
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    results = {}
-    for kind in ("gkd", "distillation"):
-        for rule in RULES:
-            for sharding in SHARDINGS:
-                results[(kind, rule, sharding)] = check(kind, rule, sharding, mesh)
-    passed = all(results.values())
+    return [
+        check(kind, rule, sharding, mesh)
+        for kind in ("gkd", "distillation")
+        for rule in RULES
+        for sharding in SHARDINGS
+    ]
+
+
+def report_table(rows: list[dict]) -> str:
+    """The PASS/FAIL table rank 0 prints, and the verdict."""
+    lines = ["| trainer | rule | sharding | FSDP2 (gloo, CPU) loss + gradients = one process |", "|---|---|---|---|"]
+    lines += [
+        f"| {r['trainer']} | {r['rule']} | {r['sharding']} | {'PASS' if r['passed'] else 'FAIL'} |" for r in rows
+    ]
+    passed = all(r["passed"] for r in rows)
+    return "\n".join([*lines, "FSDP2 CPU CHECK PASSED" if passed else "FSDP2 CPU CHECK FAILED"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="rank 0 writes the report's rows (see `check`) to this JSON file")
+    ns = parser.parse_args(argv)
+    dist.init_process_group("gloo")
+    rows = run_checks()
+    passed = all(r["passed"] for r in rows)
     if dist.get_rank() == 0:
-        print("\n| trainer | rule | sharding | FSDP2 (gloo, CPU) loss + gradients = one process |")
-        print("|---|---|---|---|")
-        for (kind, rule, sharding), ok in results.items():
-            print(f"| {kind} | {rule} | {sharding} | {'PASS' if ok else 'FAIL'} |")
-        print("FSDP2 CPU CHECK PASSED" if passed else "FSDP2 CPU CHECK FAILED", flush=True)
+        print("\n" + report_table(rows), flush=True)
+        if ns.json:
+            with open(ns.json, "w") as fh:
+                json.dump({"passed": passed, "world_size": dist.get_world_size(), "rows": rows}, fh, indent=1)
     dist.barrier()
     return 0 if passed else 1
 

@@ -58,7 +58,25 @@ def _time(fn, device, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of `main`'s rows."""
+    lines = [
+        "| pass | kept | rows | trl-tip s | TRL kernel s | trl-tip / TRL | trl-tip GiB | TRL GiB | loss rel diff | "
+        "grad rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['kind']} | {r['kept']:.2f} | {r['rows']} | {r['ours_s']:.4f} | {r['trl_s']:.4f} | "
+        f"{r['ours_s'] / r['trl_s']:.2f} | {r['ours_gib']:.2f} | {r['trl_gib']:.2f} | {r['loss_rel_diff']:.1e} | "
+        f"{r['grad_rel_diff']:.1e} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
+    """Runs the comparison (see the module docstring); returns one dict per pass and kept share: `kind`, `kept`,
+    `rows`, seconds (`ours_s`, `trl_s`), peak GiB (`ours_gib`, `trl_gib`), `loss_rel_diff` and `grad_rel_diff`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=8192, help="eligible positions (e.g. 4 x 2048)")
     parser.add_argument("--vocab", type=int, default=151936)
@@ -152,15 +170,7 @@ def main(argv=None) -> list[dict]:
     )  # fmt: skip
     print(rows[-1], flush=True)
 
-    print("\n| pass | kept | rows | trl-tip s | TRL kernel s | trl-tip / TRL | trl-tip GiB | TRL GiB | loss rel diff | "
-          "grad rel diff |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['kind']} | {r['kept']:.2f} | {r['rows']} | {r['ours_s']:.4f} | {r['trl_s']:.4f} | "
-            f"{r['ours_s'] / r['trl_s']:.2f} | {r['ours_gib']:.2f} | {r['trl_gib']:.2f} | {r['loss_rel_diff']:.1e} | "
-            f"{r['grad_rel_diff']:.1e} |"
-        )
+    print("\n" + table(rows))
     return rows
 
 

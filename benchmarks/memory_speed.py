@@ -63,7 +63,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import trl_tip  # noqa: E402
 import trl_tip.engine as tip_engine_module  # noqa: E402
 from trl_tip import TIPConfig, TIPTrainer  # noqa: E402
-from trl_tip._compat import DistillationConfig, DistillationTrainer, GKDConfig, GKDTrainer  # noqa: E402
+from trl_tip._compat import DistillationConfig, DistillationTrainer, GKDConfig, GKDTrainer, forward_hooks  # noqa: E402
 from trl_tip.selection import TOKEN_SELECTIONS  # noqa: E402
 
 
@@ -131,6 +131,7 @@ class Result:
     graphs_timed: int = 0
     graph_breaks: int = 0
     prefix_match: float = float("nan")
+    profile_s: dict = field(default_factory=dict)  # --profile: seconds per phase of the profiled step, and "step"
     note: str = ""
 
 
@@ -557,9 +558,9 @@ def drop_input_grad_hooks(model) -> int:
     removed = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
-            for key, hook in list(module._forward_hooks.items()):
+            for key, hook in list(forward_hooks(module).items()):
                 if getattr(hook, "__name__", "") == "make_inputs_require_grads":
-                    del module._forward_hooks[key]
+                    del forward_hooks(module)[key]
                     removed += 1
     return removed
 
@@ -651,7 +652,8 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
                     stats = trainer.tip_statistics.compute(None, num_steps=1)
                     result.kept_frac = float(stats.get("tip/kept_frac", float("nan")))
             if ns.profile and rule.label in ns.profile_rules:
-                profile_step(trainer, rule, make_step(ns, step, b, t, device), shape, ns, phases, timer, device)
+                data = make_step(ns, step, b, t, device)
+                result.profile_s = profile_step(trainer, rule, data, shape, ns, phases, timer, device)
     except torch.OutOfMemoryError as exc:  # keep going: the next row may fit
         oom = True
         result.status = "OOM"
@@ -680,8 +682,9 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
     return result
 
 
-def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, device) -> None:
-    """Phases of one step (synchronised wall time) and, on CUDA, its top kernels (torch.profiler)."""
+def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, device) -> dict[str, float]:
+    """Phases of one step (synchronised wall time) and, on CUDA, its top kernels (torch.profiler); returns the seconds
+    of each phase, `other`, `selection` (trl-tip rows) and the whole `step`."""
     from torch.profiler import ProfilerActivity, profile
 
     phases.wrap(trainer, "compute_loss", "loss forward")
@@ -735,6 +738,7 @@ def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, devi
         )
         top.append(f"{e.key[:48]} {us / 1e6:.3f} s")
     print(f"    top {'CUDA' if device.type == 'cuda' else 'CPU'} ops: " + "; ".join(top), flush=True)
+    return {**totals, "other": other, **({"selection": selection} if timer else {}), "step": total}
 
 
 # ------------------------------------------------------------------ tables
@@ -766,27 +770,80 @@ def _ratio(a: float, ref: Result | None, attr: str) -> float:
     return a / b if b and not math.isnan(b) else float("nan")
 
 
+def loss_rows(results: list[Result], trainers: tuple[str, ...] | None = None) -> list[dict]:
+    """The rows of the loss-step table (of `trainers` only, if given): each result's shape, rule and status, and for
+    a measured one its kept share, peak memory and step time with their ratios to GKDTrainer (`_x_gkd`) and TRL's
+    DistillationTrainer (`_x_dist`) at the same shape (NaN where not measured), tokens/s and selection seconds."""
+    rows = []
+    for r in results:
+        if trainers is not None and r.trainer not in trainers:
+            continue
+        row = {"shape": r.shape, "rule": r.rule, "status": r.status}
+        if r.status == "ok":
+            gkd, dist = _reference(results, r, "gkd"), _reference(results, r, "dist")
+            row.update(
+                kept=r.kept_frac,
+                peak_gib=r.peak_gib,
+                peak_x_gkd=_ratio(r.peak_gib, gkd, "peak_gib"),
+                peak_x_dist=_ratio(r.peak_gib, dist, "peak_gib"),
+                step_s=r.step_s,
+                step_x_gkd=_ratio(r.step_s, gkd, "step_s"),
+                step_x_dist=_ratio(r.step_s, dist, "step_s"),
+                tokens_per_s=r.tokens_per_s,
+                selection_s=r.selection_s,
+            )
+        rows.append(row)
+    return rows
+
+
 def loss_table(results: list[Result], trainers: tuple[str, ...] | None = None) -> str:
     lines = [
         "| shape | trainer / rule | kept | peak GiB | × GKD | × Dist | step s | × GKD | × Dist | completion tok/s | "
         "selection s (% of step) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        if trainers is not None and r.trainer not in trainers:
+    for row in loss_rows(results, trainers):
+        if row["status"] != "ok":
+            lines.append(f"| {row['shape']} | {row['rule']} | — | {row['status']} | — | — | — | — | — | — | — |")
             continue
-        if r.status != "ok":
-            lines.append(f"| {r.shape} | {r.rule} | — | {r.status} | — | — | — | — | — | — | — |")
-            continue
-        gkd, dist = _reference(results, r, "gkd"), _reference(results, r, "dist")
-        sel = "—" if math.isnan(r.selection_s) else f"{r.selection_s:.4f} ({100 * r.selection_s / r.step_s:.1f}%)"
+        sel = row["selection_s"]
+        sel = "—" if math.isnan(sel) else f"{sel:.4f} ({100 * sel / row['step_s']:.1f}%)"
         lines.append(
-            f"| {r.shape} | {r.rule} | {fmt(r.kept_frac, '.2f')} | {fmt(r.peak_gib, '.2f')} | "
-            f"{fmt(_ratio(r.peak_gib, gkd, 'peak_gib'), '.2f')} | {fmt(_ratio(r.peak_gib, dist, 'peak_gib'), '.2f')} | "
-            f"{fmt(r.step_s, '.3f')} | {fmt(_ratio(r.step_s, gkd, 'step_s'), '.2f')} | "
-            f"{fmt(_ratio(r.step_s, dist, 'step_s'), '.2f')} | {fmt(r.tokens_per_s, ',.0f')} | {sel} |"
+            f"| {row['shape']} | {row['rule']} | {fmt(row['kept'], '.2f')} | {fmt(row['peak_gib'], '.2f')} | "
+            f"{fmt(row['peak_x_gkd'], '.2f')} | {fmt(row['peak_x_dist'], '.2f')} | {fmt(row['step_s'], '.3f')} | "
+            f"{fmt(row['step_x_gkd'], '.2f')} | {fmt(row['step_x_dist'], '.2f')} | {fmt(row['tokens_per_s'], ',.0f')} | "
+            f"{sel} |"
         )
     return "\n".join(lines)
+
+
+def generation_rows(results: list[Result]) -> list[dict]:
+    """The rows of the end-to-end table: each result's shape, GA, rule and status, and for a measured one its step,
+    generation and loss seconds, tokens/s and peak memory with their ratios to GKDTrainer (`_x_gkd`) and TRL's
+    DistillationTrainer (`_x_dist`) at the same shape and GA, decode ms per forward, bandwidth fraction, the first
+    warm-up step, the graphs compiled during the timed steps and the selection's share of the step."""
+    rows = []
+    for r in results:
+        row = {"shape": r.shape, "grad_accum": r.grad_accum, "rule": r.rule, "status": r.status}
+        if r.status == "ok":
+            gkd, dist = _reference(results, r, "gkd"), _reference(results, r, "dist")
+            row.update(
+                step_s=r.step_s,
+                generation_s=r.generation_s,
+                loss_s=r.loss_s,
+                tokens_per_s=r.tokens_per_s,
+                tokens_x_gkd=_ratio(r.tokens_per_s, gkd, "tokens_per_s"),
+                tokens_x_dist=_ratio(r.tokens_per_s, dist, "tokens_per_s"),
+                peak_gib=r.peak_gib,
+                peak_x_gkd=_ratio(r.peak_gib, gkd, "peak_gib"),
+                ms_per_forward=r.ms_per_forward,
+                bandwidth_frac=r.bandwidth_frac,
+                first_step_s=r.warmup_times[0] if r.warmup_times else float("nan"),
+                graphs_timed=r.graphs_timed,
+                selection_share=r.selection_s / r.step_s,
+            )
+        rows.append(row)
+    return rows
 
 
 def generation_table(results: list[Result]) -> str:
@@ -795,20 +852,17 @@ def generation_table(results: list[Result]) -> str:
         "peak GiB | × GKD | ms / decode fwd | BW frac | 1st step s | graphs (timed) | selection % |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        if r.status != "ok":
-            lines.append(f"| {r.shape} | {r.grad_accum} | {r.rule} | {r.status} |" + " — |" * 12)
+    for row in generation_rows(results):
+        if row["status"] != "ok":
+            lines.append(f"| {row['shape']} | {row['grad_accum']} | {row['rule']} | {row['status']} |" + " — |" * 12)
             continue
-        gkd, dist = _reference(results, r, "gkd"), _reference(results, r, "dist")
-        sel = "—" if math.isnan(r.selection_s) else f"{100 * r.selection_s / r.step_s:.2f}%"
-        first = r.warmup_times[0] if r.warmup_times else float("nan")
+        sel = "—" if math.isnan(row["selection_share"]) else f"{100 * row['selection_share']:.2f}%"
         lines.append(
-            f"| {r.shape} | {r.grad_accum} | {r.rule} | {fmt(r.step_s, '.2f')} | {fmt(r.generation_s, '.2f')} | "
-            f"{fmt(r.loss_s, '.3f')} | {fmt(r.tokens_per_s, ',.0f')} | "
-            f"{fmt(_ratio(r.tokens_per_s, gkd, 'tokens_per_s'), '.2f')} | "
-            f"{fmt(_ratio(r.tokens_per_s, dist, 'tokens_per_s'), '.2f')} | {fmt(r.peak_gib, '.2f')} | "
-            f"{fmt(_ratio(r.peak_gib, gkd, 'peak_gib'), '.2f')} | {fmt(r.ms_per_forward, '.2f')} | "
-            f"{fmt(r.bandwidth_frac, '.3f')} | {fmt(first, '.1f')} | {r.graphs_timed} | {sel} |"
+            f"| {row['shape']} | {row['grad_accum']} | {row['rule']} | {fmt(row['step_s'], '.2f')} | "
+            f"{fmt(row['generation_s'], '.2f')} | {fmt(row['loss_s'], '.3f')} | {fmt(row['tokens_per_s'], ',.0f')} | "
+            f"{fmt(row['tokens_x_gkd'], '.2f')} | {fmt(row['tokens_x_dist'], '.2f')} | {fmt(row['peak_gib'], '.2f')} | "
+            f"{fmt(row['peak_x_gkd'], '.2f')} | {fmt(row['ms_per_forward'], '.2f')} | "
+            f"{fmt(row['bandwidth_frac'], '.3f')} | {fmt(row['first_step_s'], '.1f')} | {row['graphs_timed']} | {sel} |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,6 @@
 import os
+import socket
+from pathlib import Path
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -113,3 +115,21 @@ def record_selections(trainer, training_only: bool = True) -> RecordSelections:
     recorder = RecordSelections(training_only)
     trainer.tip_engine.add_observer(recorder)
     return recorder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a `torch.distributed.run` launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict:
+    """The environment of a spawned check: this checkout importable, one thread per process, TRL's experimental
+    warning off."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    return env

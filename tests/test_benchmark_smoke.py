@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _load():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_speed.py"
@@ -17,6 +19,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow
 def test_memory_speed_tiny_cpu(capsys):
     bench = _load()
     rules = "gkd,dist,all,tip:0.2,dist/all,no_such_rule:0.6"
@@ -27,13 +30,28 @@ def test_memory_speed_tiny_cpu(capsys):
     assert all(r.status == "ok" and r.step_s > 0 and r.tokens_per_step == 2 * (64 - 16) for r in results)
     assert math.isclose(results[2].kept_frac, 1.0) and 0.15 < results[3].kept_frac < 0.25
     assert math.isclose(results[4].kept_frac, 1.0)
-    # Every ratio against both references; the TIPDistillationTrainer table after the main one.
-    assert "| 2x64 | GKDTrainer | — | — | — | — | " in out and "| 1.00 |" in out
-    tables = out.split("TIPDistillationTrainer against DistillationTrainer:")
-    assert len(tables) == 2 and "| 2x64 | TIP tip 20% |" in tables[0]
-    assert "| 2x64 | TIPDist all |" in tables[1] and "TIP tip 20%" not in tables[1]
+    # Every ratio against both references (no peak memory on a CPU); the TIPDistillationTrainer table after the
+    # main one, with only its rows.
+    rows = bench.loss_rows(results)
+    assert [row["rule"] for row in rows] == [r.rule for r in results]
+    gkd, dist = rows[0], rows[1]
+    assert gkd["shape"] == "2x64" and math.isnan(gkd["kept"]) and math.isnan(gkd["peak_gib"])
+    assert math.isnan(gkd["peak_x_gkd"]) and math.isnan(gkd["peak_x_dist"])
+    assert gkd["step_x_gkd"] == 1.0 and dist["step_x_dist"] == 1.0
+    for row, r in zip(rows, results, strict=True):
+        assert math.isclose(row["step_x_gkd"], r.step_s / results[0].step_s)
+        assert math.isclose(row["step_x_dist"], r.step_s / results[1].step_s)
+    assert [row["rule"] for row in bench.loss_rows(results, ("dist", "tip-dist"))] == [
+        "DistillationTrainer",
+        "TIPDist all",
+    ]
+    table, dist_table = bench.loss_table(results), bench.loss_table(results, trainers=("dist", "tip-dist"))
+    assert "| 2x64 | GKDTrainer | — | — | — | — | " in table and "| 1.00 |" in table
+    assert "| 2x64 | TIP tip 20% |" in table and "TIP tip 20%" not in dist_table
+    assert f"{table}\n\nTIPDistillationTrainer against DistillationTrainer:\n{dist_table}\n" in out
 
 
+@pytest.mark.slow
 def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     bench = _load()
     rules = "gkd,dist,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
@@ -55,8 +73,21 @@ def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     assert fast.graphs_warmup >= 1 and fast.graphs_timed == 0
     # Same rows, same noise: on the CPU (float32) the fast path's first rollouts equal the default path's.
     assert fast.prefix_match == 8 and "share on average 8.0 of 8 leading tokens" in out
-    assert "profile TIP fast entropy_sample 50%" in out and "generation" in out.split("profile TIP fast")[1]
-    assert "| 2x(16+8) | 2 | TIP fast entropy_sample 50% |" in out
+    assert all(math.isnan(r.prefix_match) for r in (gkd, dist, default, tip_dist))
+    # Only the profiled row has a profile: its phases, generation included, and the step they add up to.
+    assert [bool(r.profile_s) for r in results] == [False, False, False, True, False]
+    assert fast.profile_s["generation"] > 0 and fast.profile_s["step"] > 0
+    assert math.isclose(
+        sum(v for k, v in fast.profile_s.items() if k not in ("step", "selection")), fast.profile_s["step"]
+    )
     assert len(list(tmp_path.glob("profile_TIP_fast_*.txt"))) == 1
+    rows = bench.generation_rows(results)
+    assert [(row["shape"], row["grad_accum"], row["rule"]) for row in rows] == [
+        ("2x(16+8)", 2, r.rule) for r in results
+    ]
+    assert rows[0]["tokens_x_gkd"] == 1.0 and rows[1]["tokens_x_dist"] == 1.0
+    assert all(row["graphs_timed"] == r.graphs_timed for row, r in zip(rows, results, strict=True))
+    table = bench.generation_table(results)
+    assert "| 2x(16+8) | 2 | TIP fast entropy_sample 50% |" in table and table in out
     saved = json.loads((tmp_path / "e2e.json").read_text())
     assert [r["rule"] for r in saved["results"]] == [r.rule for r in results]

@@ -1,6 +1,7 @@
-"""Contract tests: the private or moved TRL / transformers APIs trl-tip uses (all through `trl_tip._compat`) still
-behave as trl-tip relies on. An upgrade that changes one fails here, with the name of the API, rather than deep inside
-a training run."""
+"""Contract tests: the private or moved TRL / transformers / torch APIs trl-tip uses still behave as trl-tip relies on.
+Those it imports or calls go through `trl_tip._compat`; the `transformers.Trainer` and TRL trainer methods it
+overrides are checked on the classes themselves. An upgrade that changes one fails here, with the name of the API,
+rather than deep inside a training run."""
 
 import inspect
 import os
@@ -11,6 +12,7 @@ from transformers import Trainer
 
 from trl_tip import _compat
 from trl_tip.signals import generalized_jsd
+from trl_tip.toy import make_model
 
 
 def params(fn) -> list[str]:
@@ -42,9 +44,56 @@ def test_distillation_trainer_private_loss_hooks():
     source = inspect.getsource(trainer.compute_loss)
     assert "_forward_redirection" in source and "self._compute_loss" in source
     assert "num_processes" in source
-    # It keeps the buffered generation per optimizer step in `_prepare_inputs` and counts the loss tokens there.
+    # It counts the optimizer step's loss tokens when it generates (`_prepare_inputs` buffers one generation per
+    # optimizer step) and passes the count on in the inputs, where TIPDistillationTrainer's loss reads it.
     assert "num_items_in_batch" in inspect.getsource(trainer._generate_and_score_completions)
     assert issubclass(_compat.DistillationConfig, object) and "beta" in _compat.DistillationConfig.__dataclass_fields__
+
+
+def test_last_hidden_state_is_the_backbone_output_before_the_last_position(tmp_path):
+    """`_compat.last_hidden_state` (TRL's `_get_last_hidden_state`): the backbone's hidden states, no `lm_head`, at the
+    `logits_to_keep` positions before the last one (position `j` predicts token `L - logits_to_keep + j`)."""
+    from conftest import dist_args, left_tokenizer, prompt_dataset
+
+    tokenizer = left_tokenizer()
+    student = make_model(tokenizer, 32, 1, seed=1)
+    trainer = _compat.DistillationTrainer(
+        model=student,
+        teacher_model=make_model(tokenizer, 48, 1, seed=2),
+        args=dist_args(tmp_path, _compat.DistillationConfig),
+        train_dataset=prompt_dataset(4),
+        processing_class=tokenizer,
+    )
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, len(tokenizer), (2, 9), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        hidden = _compat.last_hidden_state(trainer, student, input_ids, attention_mask, 4)
+        full = student.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert hidden.shape == (2, 4, 32)
+    torch.testing.assert_close(hidden, full[:, 4:8])
+
+
+def test_forward_hooks_are_keyed_by_handle_and_deleting_one_removes_it():
+    """`_compat.forward_hooks` (torch's `Module._forward_hooks`): `unwrap_for_generation` lists an embedding's hooks
+    before generating and deletes, by key, the duplicates that re-enabling gradient checkpointing added."""
+    layer, calls = nn.Linear(2, 2), []
+
+    def first(module, args, output):
+        calls.append("first")
+
+    def second(module, args, output):
+        calls.append("second")
+
+    handles = [layer.register_forward_hook(first), layer.register_forward_hook(second)]
+    hooks = _compat.forward_hooks(layer)
+    assert list(hooks) == [h.id for h in handles] and hooks[handles[0].id] is first
+    layer(torch.ones(2))
+    assert calls == ["first", "second"]
+    del hooks[handles[0].id]
+    layer(torch.ones(2))
+    assert calls == ["first", "second", "second"] and list(_compat.forward_hooks(layer)) == [handles[1].id]
 
 
 def test_forward_redirection_routes_a_method_through_the_wrapper():

@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 from transformers.generation import CompileConfig, TemperatureLogitsWarper, TopKLogitsWarper
 
 from trl_tip import TIPTrainer, metric_names
-from trl_tip._compat import GKDTrainer
+from trl_tip._compat import GKDTrainer, forward_hooks
 from trl_tip.generation import (
     GumbelSampler,
     StepGenerator,
@@ -425,7 +425,7 @@ def test_generation_mode_checkpointing_off_and_no_hook_leak(tmp_path, student, t
     trainer = _trainer(tmp_path, student, teacher, tokenizer, dataset, gradient_checkpointing=True, max_steps=4)
     seen = []
     generate = student.generate
-    hooks = student.get_input_embeddings()._forward_hooks
+    hooks = forward_hooks(student.get_input_embeddings())
 
     def recording(*args, **kwargs):
         seen.append((student.is_gradient_checkpointing, len(hooks), student.training))

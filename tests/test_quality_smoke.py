@@ -37,6 +37,7 @@ def test_chain_of_thought_is_correct_and_splits_are_disjoint():
     assert task.make_splits(300, 100, seed=0)[1]["answer"] == test["answer"]
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_results_table_and_plot(tmp_path):
     run = _load("run")
     record = run.main(
@@ -61,6 +62,7 @@ def test_smoke_run_writes_results_table_and_plot(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_same_results_as_one_process(tmp_path, monkeypatch):
     # The spawned workers import the script by name, so it is imported as `run` from a path they inherit.
     monkeypatch.syspath_prepend(str(QUALITY))
@@ -93,6 +95,7 @@ def test_bad_rule_options_are_refused(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_committed_gpu_results_reproduce_the_tables_in_the_docs(tmp_path):
     """docs/quality.md quotes tables that `--merge` rebuilds from the committed JSON, line for line."""
     run = _load("run")
@@ -109,6 +112,7 @@ def test_committed_gpu_results_reproduce_the_tables_in_the_docs(tmp_path):
     assert len(q3) == 5 and all(r["accuracy"] == 0.0 for r in q3)
 
 
+@pytest.mark.slow
 def test_merge_refuses_other_settings_and_duplicate_runs(tmp_path):
     run = _load("run")
     results = QUALITY / "results" / "gpu"

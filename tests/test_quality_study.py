@@ -172,6 +172,7 @@ def test_every_rule_of_the_table_selects_or_is_skipped_with_its_reason(study, na
         assert abs(kept / n - rule.fields["keep_ratio"]) <= 2 / n + 1e-9
 
 
+@pytest.mark.slow
 def test_smoke_prepare_sweep_run_merge(study, tmp_path):
     """The whole flow with tiny models on CPU: an archive of both tasks, a sweep, runs at the sweep's best lr with a
     rule mixed with random tokens, the merged tables, the plots, resuming, and refusals."""
@@ -236,6 +237,7 @@ def test_smoke_prepare_sweep_run_merge(study, tmp_path):
     assert markers == 1 and missing == [row]
 
 
+@pytest.mark.slow
 def test_parallel_jobs_run_and_record_like_one_process(study, tmp_path):
     common = ["--archive", "", "--tasks", "words", "--n_test", "4", "--eval_k", "0", "--steps", "1", "--batch", "2",
               "--logging_steps", "1", "--cpu", "--students", "weak", "--seeds", "0", "--json_only", "--rules",

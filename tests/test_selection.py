@@ -15,6 +15,8 @@ from trl_tip.selection import (
     sample_without_replacement,
     validate_selection,
 )
+from trl_tip.selection.registry import one_of
+from trl_tip.selection.rules import check_choice
 from trl_tip.signals import TokenSignals
 
 
@@ -198,3 +200,12 @@ def test_quadrant_thresholds_are_nan_quantiles_of_the_finite_tokens():
     expected_d = nan_quantile(torch.where(finite, torch.tensor(divergence), nan), 0.5)
     assert h.dtype == torch.float64 and torch.equal(h, expected_h) and torch.equal(d, expected_d)
     assert float(d) == pytest.approx(0.2)  # median of the six finite divergences, by hand
+
+
+def test_one_of_names_the_option_and_the_allowed_values():
+    check = one_of("budget_scope", ("rollout", "batch"))
+    assert check("batch") is None
+    assert check("step") == "budget_scope='step' is unknown; allowed values: rollout, batch."
+    assert check_choice("budget_scope", "rollout", ("rollout", "batch")) == "rollout"
+    with pytest.raises(ValueError, match=r"^budget_scope='step' is unknown; allowed values: rollout, batch\.$"):
+        check_choice("budget_scope", "step", ("rollout", "batch"))

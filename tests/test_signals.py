@@ -5,12 +5,19 @@ import torch
 
 from trl_tip._compat import GKDTrainer
 from trl_tip.signals import (
+    chunk_slices,
     compute_token_signals,
     divergence_from_logits,
     generalized_jsd,
     normalized_entropy,
     token_log_probs,
 )
+
+
+def test_chunk_slices_cover_every_position_once():
+    assert list(chunk_slices(7, 3)) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert list(chunk_slices(6, 3)) == [slice(0, 3), slice(3, 6)]
+    assert list(chunk_slices(2, 5)) == [slice(0, 2)] and list(chunk_slices(0, 4)) == []
 
 
 def test_normalized_entropy_hand_values():

@@ -1,4 +1,5 @@
-"""Every TRL / transformers API trl-tip uses that is private, experimental or moved between releases, in one place.
+"""Every TRL / transformers / torch API trl-tip uses that is private, experimental or moved between releases, in one
+place.
 
 Each name here has a contract test (`tests/test_compat.py`) that checks the behaviour trl-tip relies on, so that an
 upgrade that changes one breaks there, loudly, and not deep inside a training run. Tested with TRL 1.16 and
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
 
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
 from transformers.trainer import TRAINER_STATE_NAME
@@ -26,7 +32,7 @@ from trl.models.utils import _ForwardRedirection as ForwardRedirection
 from trl.models.utils import unwrap_model_for_generation
 
 # The mainline on-policy distillation trainer (TRL >= 1.16). `_compute_loss(unwrapped_student, inputs,
-# num_items_in_batch) -> (loss, entropy_sum, num_valid)`, `_get_last_hidden_state` and
+# num_items_in_batch) -> (loss, entropy_sum, num_valid)`, `_get_last_hidden_state` (through `last_hidden_state` below) and
 # `_generate_and_score_completions` (once per optimizer step in training; returns the step's rollouts with
 # `completion_mask`, `tool_mask`) are private: contract-tested.
 from trl.trainer.distillation_config import DistillationConfig
@@ -54,6 +60,26 @@ def checkpoint_dir(trainer, trial=None) -> str:
     return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
 
 
+def last_hidden_state(
+    trainer: DistillationTrainer,
+    unwrapped_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """TRL's private `DistillationTrainer._get_last_hidden_state`: the backbone's last hidden states (no `lm_head`) at
+    the `logits_to_keep` positions before the last, `(B, logits_to_keep, d)`; position `j` predicts token
+    `L - logits_to_keep + j`. `model_kwargs` are the multimodal fields TRL forwards (`pixel_values`, ...)."""
+    return trainer._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **model_kwargs)
+
+
+def forward_hooks(module: nn.Module) -> dict[int, Callable]:
+    """torch's private `Module._forward_hooks`: the module's forward hooks (without kwargs), keyed by the id of their
+    `RemovableHandle`, in call order. Deleting a key removes that hook, as `handle.remove()` does."""
+    return module._forward_hooks
+
+
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "TRAINER_STATE_NAME",
@@ -66,6 +92,8 @@ __all__ = [
     "checkpoint_dir",
     "get_comet_experiment_url",
     "get_trackio_space_url",
+    "forward_hooks",
+    "last_hidden_state",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",

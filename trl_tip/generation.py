@@ -45,7 +45,7 @@ from transformers.generation import (
 )
 from transformers.utils import logging
 
-from ._compat import unwrap_model_for_generation
+from ._compat import forward_hooks, unwrap_model_for_generation
 
 
 __all__ = [
@@ -262,11 +262,11 @@ def unwrap_for_generation(model: nn.Module, accelerator, **kwargs) -> Iterator[n
     duplicates added here are removed on exit; every hook present before stays.
     """
     embeddings = [m for m in accelerator.unwrap_model(model).modules() if isinstance(m, nn.Embedding)]
-    before = [(m, set(m._forward_hooks)) for m in embeddings]
+    before = [(m, set(forward_hooks(m))) for m in embeddings]
     with unwrap_model_for_generation(model, accelerator, **kwargs) as unwrapped:
         yield unwrapped
     for module, keys in before:
-        hooks = module._forward_hooks
+        hooks = forward_hooks(module)
         # Only a hook that duplicates one still registered from before goes (a model whose disabling did remove its
         # hook keeps the new one).
         kept = set(_hook_names({k: h for k, h in hooks.items() if k in keys}))

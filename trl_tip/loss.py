@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .fused import chunk_signals, jsd_and_grad
-from .signals import generalized_jsd
+from .signals import chunk_slices, generalized_jsd
 
 
 __all__ = [
@@ -149,11 +149,6 @@ def gathered_heads(*heads: OutputHead) -> Iterator[None]:
         yield
 
 
-def _chunks(n: int, chunk_size: int):
-    for start in range(0, n, chunk_size):
-        yield slice(start, min(start + chunk_size, n))
-
-
 SIGNAL_NAMES = ("entropy", "teacher_entropy", "divergence", "loss", "student_log_prob", "teacher_log_prob")
 
 
@@ -192,7 +187,7 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
             for name in SIGNAL_NAMES:
                 signals[name] = torch.zeros(n, dtype=torch.float32, device=hidden.device)
             signals["finite"] = torch.zeros(n, dtype=torch.bool, device=hidden.device)
-        for sl in _chunks(n, chunk_size):
+        for sl in chunk_slices(n, chunk_size):
             h = hidden[sl]
             w = token_weights[sl]
             with torch.no_grad():
@@ -350,7 +345,7 @@ def kept_token_jsd(
     total = hidden.new_zeros((), dtype=torch.float32)
     if hidden.size(0) == 0:
         return total + hidden.sum() * 0.0
-    for sl in _chunks(hidden.size(0), chunk_size):
+    for sl in chunk_slices(hidden.size(0), chunk_size):
         if torch.is_grad_enabled():
             total = total + checkpoint(
                 chunk_loss, hidden[sl], teacher_hidden[sl], token_weights[sl], use_reentrant=False

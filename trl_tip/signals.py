@@ -8,7 +8,7 @@ time, so no `(tokens × vocab)` float32 tensor is ever built for all positions a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,6 +27,7 @@ __all__ = [
     "DIVERGENCES",
     "LOGIT_SIGNALS",
     "TokenSignals",
+    "chunk_slices",
     "compute_token_signals",
     "divergence_from_logits",
     "generalized_jsd",
@@ -173,7 +174,8 @@ class TokenSignals:
         return TokenSignals(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
-def _positions(n: int, chunk_size: int):
+def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
+    """The slices `[0, c), [c, 2c), ...` covering `range(n)` in chunks of `chunk_size` (the last one shorter)."""
     for start in range(0, n, chunk_size):
         yield slice(start, min(start + chunk_size, n))
 
@@ -227,7 +229,7 @@ def compute_token_signals(
     names = ("entropy", "tent", "divergence", "loss", "slp", "tlp")
     out = {name: torch.zeros(n, device=device) for name in (*names, *extra)}
     finite = torch.zeros(n, dtype=torch.bool, device=device)
-    for sl in _positions(n, chunk_size):
+    for sl in chunk_slices(n, chunk_size):
         # The matmuls run in the heads' dtype; `chunk_signals` upcasts to float32 inside its fused kernels and
         # flags the rows with an inf or NaN logit (their signals are zero and they are never selected).
         s_logits = student_head(student_hidden[sl])
@@ -300,7 +302,7 @@ def history_token_losses(
         raise ValueError("The `divergence` per-token loss needs teacher_hidden and teacher_head.")
     n = targets.numel()
     out = {kind: torch.full((n,), float("nan"), device=targets.device) for kind in kinds}
-    for sl in _positions(n, chunk_size):
+    for sl in chunk_slices(n, chunk_size):
         logits = head(hidden[sl]).float()
         ok = torch.isfinite(logits).all(-1)
         if "nll" in kinds:

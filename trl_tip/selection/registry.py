@@ -19,6 +19,7 @@ __all__ = [
     "RuleSpec",
     "build_selector",
     "get_rule",
+    "one_of",
     "option_default",
     "register_option",
     "register_rule",
@@ -97,6 +98,15 @@ def register_rule(spec: RuleSpec) -> RuleSpec:
         raise ValueError(f"Rule {spec.name!r} gives defaults for options it does not read: {stray}.")
     RULES[spec.name] = spec
     return spec
+
+
+def one_of(name: str, allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
+    """An [`OptionSpec`] check: the error message for a value of option `name` that is not in `allowed`, else `None`."""
+
+    def check(value) -> str | None:
+        return None if value in allowed else f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}."
+
+    return check
 
 
 def option_default(rule: RuleSpec, name: str) -> Any:

@@ -25,7 +25,7 @@ from .budget import (
     scoped_top_k,
 )
 from .normalize import nan_quantile
-from .registry import OptionSpec, RuleSpec, register_option, register_rule
+from .registry import OptionSpec, RuleSpec, one_of, register_option, register_rule
 
 
 __all__ = [
@@ -53,8 +53,9 @@ def check_keep_ratio(keep_ratio: float) -> float:
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     """`value`, or a `ValueError` naming the option `name` and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}.")
+    problem = one_of(name, allowed)(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -317,13 +318,6 @@ def _unit_interval(name: str):
     return check
 
 
-def _choices(name: str, allowed: tuple[str, ...]):
-    def check(value) -> str | None:
-        return None if value in allowed else f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}."
-
-    return check
-
-
 def _clip_quantile(value) -> str | None:
     if 0.0 < value <= 1.0:
         return None
@@ -334,10 +328,10 @@ register_option(OptionSpec("entropy_alpha", 1.0, _non_negative("entropy_alpha"))
 register_option(OptionSpec("divergence_gamma", 1.0, _non_negative("divergence_gamma")))
 register_option(OptionSpec("q3_share", 0.5, _unit_interval("q3_share")))
 register_option(OptionSpec("quadrants"))
-register_option(OptionSpec("budget_scope", "batch", _choices("budget_scope", BUDGET_SCOPES)))
-register_option(OptionSpec("score_order", "highest", _choices("score_order", SCORE_ORDERS)))
+register_option(OptionSpec("budget_scope", "batch", one_of("budget_scope", BUDGET_SCOPES)))
+register_option(OptionSpec("score_order", "highest", one_of("score_order", SCORE_ORDERS)))
 register_option(OptionSpec("entropy_clip_quantile", 0.98, _clip_quantile))
-register_option(OptionSpec("sampling_estimator", "fixed_budget", _choices("sampling_estimator", SAMPLING_ESTIMATORS)))
+register_option(OptionSpec("sampling_estimator", "fixed_budget", one_of("sampling_estimator", SAMPLING_ESTIMATORS)))
 
 register_rule(RuleSpec("all", lambda args: AllTokens(), budgeted=False, summary="every completion token (GKD's loss)"))
 register_rule(

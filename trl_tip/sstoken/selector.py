@@ -367,13 +367,6 @@ _HISTORY_OPTIONS += ("sstoken_history_device",)
 _WARMUP_OPTIONS = ("sstoken_warmup_ratio", "sstoken_warmup_steps")
 
 
-def _choice(name: str, allowed: tuple[str, ...]):
-    def check(value) -> str | None:
-        return None if value in allowed else f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}."
-
-    return check
-
-
 def _integer(name: str, low: int | None):
     def check(value) -> str | None:
         if int(value) != value or (low is not None and value < low):
@@ -424,7 +417,7 @@ def _validate_sstoken(args) -> None:
 
 
 def _register() -> None:
-    from ..selection.registry import OptionSpec, RuleSpec, register_option, register_rule
+    from ..selection.registry import OptionSpec, RuleSpec, one_of, register_option, register_rule
     from .history import HISTORY_DEVICES, HISTORY_MODES
 
     def gamma_check(value):
@@ -438,10 +431,10 @@ def _register() -> None:
 
     register_option(OptionSpec("sstoken_gamma", SSTOKEN_DEFAULTS["sstoken_gamma"], gamma_check))
     register_option(
-        OptionSpec("sstoken_loss", SSTOKEN_DEFAULTS["sstoken_loss"], _choice("sstoken_loss", SSTOKEN_LOSSES))
+        OptionSpec("sstoken_loss", SSTOKEN_DEFAULTS["sstoken_loss"], one_of("sstoken_loss", SSTOKEN_LOSSES))
     )
     register_option(
-        OptionSpec("sstoken_history", SSTOKEN_DEFAULTS["sstoken_history"], _choice("sstoken_history", HISTORY_MODES))
+        OptionSpec("sstoken_history", SSTOKEN_DEFAULTS["sstoken_history"], one_of("sstoken_history", HISTORY_MODES))
     )
     register_option(OptionSpec("sstoken_ema_decay", SSTOKEN_DEFAULTS["sstoken_ema_decay"], decay_check))
     register_option(
@@ -455,7 +448,7 @@ def _register() -> None:
         OptionSpec(
             "sstoken_history_device",
             SSTOKEN_DEFAULTS["sstoken_history_device"],
-            _choice("sstoken_history_device", HISTORY_DEVICES),
+            one_of("sstoken_history_device", HISTORY_DEVICES),
         )
     )
     register_option(OptionSpec("sstoken_warmup_ratio", SSTOKEN_DEFAULTS["sstoken_warmup_ratio"], warmup_ratio_check))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._compat import DistillationTrainer
+from .._compat import DistillationTrainer, last_hidden_state
 from ..config import TIPDistillationConfig
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin, default_config
@@ -105,8 +105,8 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
         """TRL's `_get_last_hidden_state` on the completion positions (`(B, K, d)`, column `j` predicting completion
         token `j`)."""
         logits_to_keep = view.input_ids.size(1) - 1 - view.hidden_offset
-        return self._get_last_hidden_state(
-            unwrapped, view.input_ids, view.attention_mask, logits_to_keep, **view.model_kwargs
+        return last_hidden_state(
+            self, unwrapped, view.input_ids, view.attention_mask, logits_to_keep, **view.model_kwargs
         )
 
     @staticmethod
