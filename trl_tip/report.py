@@ -562,10 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     if ns.html_steps < 1 or ns.map_panels < 1:
         parser.error("--html_steps and --map_panels must be >= 1")
-    try:
-        report = write_report(ns.run_dir, ns.output_dir, ns.tokens, ns.html_steps, ns.map_panels)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"trl-tip report: {error}") from error
+    report = write_report(ns.run_dir, ns.output_dir, ns.tokens, ns.html_steps, ns.map_panels)
     print(f"trl-tip report of {report.trainer_state}")
     print(report.table)
     print("\nwrote:")
@@ -581,4 +578,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trl_tip.cli import main as cli_main
+
+    cli_main(["report", *sys.argv[1:]])

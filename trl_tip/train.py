@@ -465,4 +465,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trl_tip.cli import main as cli_main
+
+    cli_main(["train", *sys.argv[1:]])
