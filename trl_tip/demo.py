@@ -154,6 +154,34 @@ def format_summary(log_history: list[dict[str, float]], token_selection: str, ou
     )
 
 
+DOC_BEGIN, DOC_END = "<!-- demo-output: begin -->", "<!-- demo-output: end -->"
+
+
+def doc_sample(run: str = "benchmarks/results/demo/trainer_state.json") -> str:
+    """The quickstart's sample output: the header and summary `trl-tip demo` prints, from the `log_history` of a
+    default demo run (saved by `trl-tip demo --output_dir runs/demo` in `runs/demo/trainer_state.json`)."""
+    import json
+
+    with open(run, encoding="utf-8") as f:
+        history = json.load(f)["log_history"]
+    return "\n".join(
+        [
+            header(300, 40, 20, DEMO_TOKEN_SELECTION, 0.5),
+            "",
+            format_summary(history, DEMO_TOKEN_SELECTION, "runs/demo"),
+        ]
+    )
+
+
+def header(teacher_steps: int, student_steps: int, max_steps: int, token_selection: str, keep_ratio) -> str:
+    """The first line `trl-tip demo` prints."""
+    return (
+        f"trl-tip demo: a {teacher_steps}-step teacher and a {student_steps}-step student on arithmetic, then "
+        f"{max_steps} distillation steps with token_selection={token_selection}"
+        + (f", keep_ratio={keep_ratio}" if keep_ratio is not None else "")
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of `trl-tip demo`."""
     parser = argparse.ArgumentParser(
@@ -204,12 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         quiet_third_party_noise()
         hf_logging.disable_progress_bar()  # the "Writing model shards" bar of each save
     keep_ratio = None if ns.token_selection in ("all", "quadrants") else ns.keep_ratio
-    print(
-        f"trl-tip demo: a {ns.teacher_steps}-step teacher and a {ns.student_steps}-step student on arithmetic, then "
-        f"{ns.max_steps} distillation steps with token_selection={ns.token_selection}"
-        + (f", keep_ratio={keep_ratio}" if keep_ratio is not None else ""),
-        flush=True,
-    )
+    print(header(ns.teacher_steps, ns.student_steps, ns.max_steps, ns.token_selection, keep_ratio), flush=True)
     trainer = run_demo(
         ns.output_dir,
         ns.token_selection,
