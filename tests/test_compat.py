@@ -134,3 +134,13 @@ def test_trl_vocab_tile_matches_the_kernel():
     from trl_tip.loss import TRL_VOCAB_TILE
 
     assert chunked_divergence.VOCAB_CHUNK_SIZE == TRL_VOCAB_TILE
+
+
+def test_argparse_actions_are_the_parsers_options():
+    """`trl-tip train` reads `parser._actions` (private in argparse) for each option's dest, strings, type, nargs."""
+    from trl_tip.train import make_parser
+
+    actions = _compat.argparse_actions(make_parser("gkd"))
+    by_dest = {a.dest: a for a in actions if a.option_strings}
+    assert "--keep_ratio" in by_dest["keep_ratio"].option_strings and by_dest["keep_ratio"].type("none") is None
+    assert by_dest["quadrants"].nargs == "+" and by_dest["seq_kd"].const is True

@@ -176,7 +176,9 @@ def test_report_writes_figures_and_table(demo_run, capsys):
     assert "step 4 (last of 4 logged)" in printed
     for q, name in enumerate(("Q1 high H, high D", "Q2 high H, low D", "Q3 low H, high D", "Q4 low H, low D"), 1):
         line = next(line for line in printed.splitlines() if line.startswith(name))
-        assert f"{last[f'tip/q{q}/frac']:.4f}" in line and f"{last[f'tip/q{q}/loss_share']:.4f}" in line
+        assert f"{last[f'tip/q{q}/frac']:.3f}" in line and f"{last[f'tip/q{q}/loss_share']:.3f}" in line
+        count = last[f"tip/q{q}/frac"] * last["tip/tokens_eligible"]
+        assert line.split()[len(name.split())] == f"{count:.1f}"  # tokens/step: a count, in its own column
     for name in FIGURES.values():
         width, height = _png_size(out / name)
         assert width > 300 and height > 200
