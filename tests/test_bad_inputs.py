@@ -125,3 +125,36 @@ def test_use_liger_kernel_is_refused(tmp_path, config):
 
     with pytest.raises(ValueError, match=r"use_liger_kernel=True is not supported.*hidden states"):
         getattr(trl_tip, config)(output_dir=str(tmp_path), use_cpu=True, bf16=False, use_liger_kernel=True)
+
+
+def test_dataset_smaller_than_one_step_warns(tmp_path, student, teacher, tokenizer, dataset, caplog):
+    from transformers.utils import logging as hf_logging
+
+    from trl_tip.trainers.data_checks import warn_short_dataset
+
+    args = tiny_args(tmp_path, gradient_accumulation_steps=2)
+    hf_logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        assert warn_short_dataset(dataset.select(range(3)), args)
+        assert not warn_short_dataset(dataset.select(range(8)), args)
+    (record,) = [r for r in caplog.records if "fewer than one optimizer step" in r.getMessage()]
+    assert "train_dataset has 3 rows" in record.getMessage() and "= 8)" in record.getMessage()
+
+
+def test_conversations_longer_than_max_length_are_counted_once(tmp_path, tokenizer, dataset, caplog):
+    """GKD's collator keeps the last max_length tokens of a conversation, cutting the prompt's start silently."""
+    from transformers.utils import logging as hf_logging
+
+    from trl_tip.trainers.data_checks import count_long_conversations, warn_long_conversations
+
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in dataset["messages"]]
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    cut = sorted(lengths)[len(lengths) // 2]
+    expected = sum(n > cut for n in lengths)
+    assert count_long_conversations(dataset, tokenizer, cut) == (expected, len(dataset), max(lengths))
+    hf_logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        assert warn_long_conversations(dataset, tokenizer, cut, "train_dataset") == expected
+        assert warn_long_conversations(dataset, tokenizer, max(lengths), "train_dataset") == 0
+    (record,) = [r for r in caplog.records if "longer than max_length" in r.getMessage()]
+    assert f"{expected} of the {len(dataset)} conversations" in record.getMessage()

@@ -119,10 +119,13 @@ def test_cli_runs_qlora_recipe_with_local_models(tiny_models, tmp_path):
     assert args.model_init_kwargs["dtype"] == "float32"  # the recipe's options reached the trainer
 
 
-def test_cli_missing_teacher_is_an_error(tiny_models, tmp_path):
+def test_cli_missing_teacher_is_an_error(tiny_models, tmp_path, capsys):
     argv = ["train", "--model_name_or_path", str(tiny_models / "student"), "--dataset_name", "x.jsonl"]
-    with pytest.raises(ValueError, match="teacher_model_name_or_path"):
+    with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--output_dir", str(tmp_path), *CPU])
+    assert exit_info.value.code == 2 and "teacher_model_name_or_path" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="teacher_model_name_or_path"):
+        main([*argv, "--output_dir", str(tmp_path), *CPU, "--debug"])
 
 
 def test_quantization_configs_from_model_args():
@@ -303,3 +306,152 @@ def test_bf16_recipe_on_cpu_explains_the_fix(tmp_path):
         parse_args(["--config", str(recipe), "--output_dir", str(tmp_path)])
     _, training_args, _ = parse_args(["--config", str(recipe), "--output_dir", str(tmp_path), *CPU])
     assert training_args.use_cpu and not training_args.bf16
+
+
+# --------------------------------------------------------------------------- recipes under the other trainer (#24)
+
+GKD_RECIPE = ROOT / "recipes" / "qwen2.5-0.5b-from-1.5b" / "lora_tip.yaml"
+DISTILLATION_RECIPE = ROOT / "recipes" / "qwen2.5-0.5b-from-1.5b" / "distillation_lora_tip.yaml"
+
+
+def _notes(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("trl-tip train: ")]
+
+
+def test_gkd_recipe_runs_under_the_distillation_trainer(tmp_path, capsys):
+    """max_new_tokens becomes max_completion_length, lmbda=1 and max_length are dropped, GKD's sampling temperature
+    goes to generation_kwargs (loss at 1, as in GKD), GKD's defaults the recipe relies on are kept; one info line."""
+    argv = ["--config", str(GKD_RECIPE), "--trainer", "distillation", "--output_dir", str(tmp_path), *CPU]
+    _, args, _ = parse_args(argv)
+    assert isinstance(args, TIPDistillationConfig)
+    assert (
+        args.max_completion_length == 256
+        and args.temperature == 1.0
+        and args.generation_kwargs == {"temperature": 0.9}
+    )
+    assert args.beta == 0.5 and args.token_selection == "tip" and args.keep_ratio == 0.5
+    assert args.disable_dropout is True and args.shuffle_dataset is False  # GKDConfig's defaults, not Distillation's
+    (note,) = _notes(capsys)
+    for part in ("max_new_tokens=256 -> max_completion_length=256", "lmbda=1.0 dropped", "max_length=1024 dropped"):
+        assert part in note, part
+    assert "temperature=0.9 -> generation_kwargs={'temperature': 0.9}" in note
+    _, args, _ = parse_args(
+        [*argv, "--max_new_tokens", "8", "--temperature", "0.7"]
+    )  # flags too; a flag's value is kept
+    assert args.max_completion_length == 8 and args.temperature == 0.7 and args.generation_kwargs is None
+
+
+def test_distillation_recipe_runs_under_the_gkd_trainer(tmp_path, capsys):
+    argv = ["--config", str(DISTILLATION_RECIPE), "--trainer", "gkd", "--output_dir", str(tmp_path), *CPU]
+    _, args, _ = parse_args(argv)
+    assert isinstance(args, TIPConfig)
+    assert args.max_new_tokens == 256 and args.lmbda == 1.0 and args.temperature == 1.0 and not args.seq_kd
+    assert args.disable_dropout is False and args.shuffle_dataset is True  # DistillationConfig's defaults
+    (note,) = _notes(capsys)
+    assert "max_completion_length=256 -> max_new_tokens=256" in note and "lmbda=1.0 (always on-policy" in note
+
+
+@pytest.mark.parametrize(
+    ("trainer", "recipe", "extra", "message"),
+    [
+        ("distillation", GKD_RECIPE, ["--lmbda", "0.5"], r"^lmbda=0.5: GKD's lmbda < 1 .*Use --trainer gkd"),
+        ("distillation", GKD_RECIPE, ["--seq_kd", "true"], r"^seq_kd=True: .*Use --trainer gkd"),
+        ("distillation", GKD_RECIPE, ["--packing", "true"], r"^packing=True is an option of TIPTrainer .*remove it"),
+        ("gkd", DISTILLATION_RECIPE, ["--use_vllm", "true"], r"^use_vllm=True: TIPTrainer \(GKD\) generates with"),
+        ("gkd", DISTILLATION_RECIPE, ["--top_p", "0.9"], r"^top_p=0.9 is an option of TIPDistillationTrainer"),
+    ],
+)
+def test_options_that_change_the_training_are_refused_in_one_line(tmp_path, trainer, recipe, extra, message):
+    argv = ["--config", str(recipe), "--trainer", trainer, "--output_dir", str(tmp_path), *CPU, *extra]
+    with pytest.raises(ValueError, match=message) as error:
+        parse_args(argv)
+    assert "\n" not in str(error.value)
+
+
+def test_distillation_sampling_temperature_is_refused_under_gkd(tmp_path):
+    """DistillationTrainer takes the loss at its temperature; GKD at 1: a recipe's temperature != 1 is refused
+    unless the flag says which temperature to sample at."""
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(DISTILLATION_RECIPE.read_text().replace("temperature: 1.0", "temperature: 0.8"))
+    argv = ["--config", str(recipe), "--trainer", "gkd", "--output_dir", str(tmp_path), *CPU]
+    with pytest.raises(ValueError, match=r"^temperature=0.8: .*Give --temperature 0.8 to sample at 0.8"):
+        parse_args(argv)
+    assert parse_args([*argv, "--temperature", "0.8"])[1].temperature == 0.8
+
+
+def test_a_rule_on_the_command_line_drops_the_recipes_rule_options(tmp_path, capsys):
+    argv = ["--config", str(GKD_RECIPE), "--output_dir", str(tmp_path), *CPU]
+    _, args, _ = parse_args([*argv, "--token_selection", "all"])
+    assert args.token_selection == "all" and args.keep_ratio is None
+    (note,) = _notes(capsys)
+    assert note.endswith(
+        "--token_selection all replaces the recipe's tip: dropped the recipe's keep_ratio=0.5 (all does not read it)."
+    )
+    _, args, _ = parse_args([*argv, "--token_selection", "quadrants", "--quadrants", "Q1", "Q3"])
+    assert args.quadrants == ["Q1", "Q3"] and args.keep_ratio is None
+    assert "dropped the recipe's keep_ratio=0.5 (quadrants does not read it)" in _notes(capsys)[0]
+    _, args, _ = parse_args([*argv, "--token_selection", "q3_score"])  # reads keep_ratio: the recipe's 0.5 stays
+    assert args.keep_ratio == 0.5 and not _notes(capsys)
+    with pytest.raises(ValueError, match="keep_ratio is not used by token_selection='all'"):
+        parse_args([*argv, "--token_selection", "all", "--keep_ratio", "0.3"])  # a flag for a rule that ignores it
+    _, args, _ = parse_args([*argv, "--keep_ratio", "none"])  # TRL's spelling of None: the rule's default
+    assert args.keep_ratio == 0.5
+
+
+def test_unknown_options_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"^unknown option --bogus for trl-tip train --trainer gkd; .*--help-all"):
+        parse_args(["--output_dir", str(tmp_path), *CPU, "--bogus", "1"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("bogus_key: 1\noutput_dir: x\n")
+    with pytest.raises(ValueError, match=r"r.yaml: bogus_key is not an option of trl-tip train --trainer gkd"):
+        parse_args(["--config", str(recipe), *CPU])
+
+
+# ------------------------------------------------------------------------------------- short user errors (#24)
+
+
+def _error_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_user_errors_are_one_short_message_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    """A bf16 recipe on a CPU (the fix used to be line 43 of a 43-line traceback), a missing recipe, a run folder
+    without a trainer_state.json, a bad demo option: one line (plus the --debug hint), exit code 2."""
+    monkeypatch.delenv("TRL_TIP_DEBUG", raising=False)
+    cases = [
+        (["train", "--config", str(GKD_RECIPE), "--output_dir", str(tmp_path)], "bf16=True"),
+        (["train", "--config", str(tmp_path / "missing.yaml")], "--config"),
+        (["report", str(tmp_path / "nowhere")], "does not exist"),
+        (["demo", "--keep_ratio", "2", "--output_dir", str(tmp_path / "demo")], "keep_ratio must be in (0, 1]"),
+    ]
+    if __import__("torch").cuda.is_available():
+        cases = cases[1:]
+    for argv, what in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        lines = _error_lines(capsys)
+        assert exit_info.value.code == 2, argv
+        assert len(lines) == 2 and lines[0].startswith(f"trl-tip {argv[0]}: error: ") and what in lines[0], lines
+        assert lines[1] == "(--debug or TRL_TIP_DEBUG=1 shows the traceback)"
+    assert not (tmp_path / "demo").exists()  # the demo's options are checked before it pretrains anything
+
+
+def test_debug_flag_or_variable_shows_the_traceback(tmp_path, monkeypatch):
+    argv = ["report", str(tmp_path / "nowhere")]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("TRL_TIP_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(argv)
+
+
+@pytest.mark.slow
+def test_the_command_exits_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRL_TIP_DEBUG": "0", "CUDA_VISIBLE_DEVICES": ""}
+    argv = [sys.executable, "-m", "trl_tip", "train", "--config", str(GKD_RECIPE), "--output_dir", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "trl-tip train: error: bf16=True" in result.stderr and "--use_cpu true --bf16 false" in result.stderr

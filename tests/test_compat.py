@@ -222,3 +222,13 @@ def test_tracker_url_helpers_return_none_without_a_tracker_run():
 
     assert get_trackio_space_url() is None
     assert get_comet_experiment_url() is None
+
+
+def test_argparse_actions_are_the_parsers_options():
+    """`trl-tip train` reads `parser._actions` (private in argparse) for each option's dest, strings, type, nargs."""
+    from trl_tip.train import make_parser
+
+    actions = _compat.argparse_actions(make_parser("gkd"))
+    by_dest = {a.dest: a for a in actions if a.option_strings}
+    assert "--keep_ratio" in by_dest["keep_ratio"].option_strings and by_dest["keep_ratio"].type("none") is None
+    assert by_dest["quadrants"].nargs == "+" and by_dest["seq_kd"].const is True

@@ -176,7 +176,9 @@ def test_report_writes_figures_and_table(demo_run, capsys):
     assert "step 4 (last of 4 logged)" in printed
     for q, name in enumerate(("Q1 high H, high D", "Q2 high H, low D", "Q3 low H, high D", "Q4 low H, low D"), 1):
         line = next(line for line in printed.splitlines() if line.startswith(name))
-        assert f"{last[f'tip/q{q}/frac']:.4f}" in line and f"{last[f'tip/q{q}/loss_share']:.4f}" in line
+        assert f"{last[f'tip/q{q}/frac']:.3f}" in line and f"{last[f'tip/q{q}/loss_share']:.3f}" in line
+        count = last[f"tip/q{q}/frac"] * last["tip/tokens_eligible"]
+        assert line.split()[len(name.split())] == f"{count:.1f}"  # tokens/step: a count, in its own column
     for name in FIGURES.values():
         width, height = _png_size(out / name)
         assert width > 300 and height > 200
@@ -231,8 +233,11 @@ def test_report_rejects_a_run_without_tip_metrics(tmp_path, capsys):
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(NotATIPRunError, match="not a trl-tip run.*learning_rate, loss, step, train_loss"):
         write_report(tmp_path)
-    with pytest.raises(SystemExit, match="trl-tip report: .*no `tip/...` metrics"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("trl-tip report: error: ") and "no `tip/...` metrics" in err
     assert not (tmp_path / "report").exists()
 
 
@@ -355,3 +360,58 @@ def test_token_dump_added_later_with_gradient_accumulation(tmp_path):
     assert [r["step"] for r in records] == [1, 1, 2, 2]
     assert [r["row"] for r in records] == [0, 1, 0, 1]
     assert callback.pending is None
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e6], ids=["one_value", "tiny_range", "huge_range"])
+def test_tip_map_tick_labels_are_readable(tmp_path, scale):
+    """A short run's entropies 0.9974..0.9978 printed as '0.99740.99760.9978...' (overlapping labels); a range of
+    one value, a tiny and a huge one must give distinct tick labels that do not overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import trl_tip.report as report
+
+    figures = []
+    original = report._save
+    report._save = lambda figure, path: figures.append(figure) or original(figure, path)
+    try:
+        if scale == 1.0:
+            tokens = [_token("a", 3, True, entropy=0.9976, divergence=0.5), _token("b", 3, False, 0.9976, 0.5)]
+        else:
+            tokens = [_token(str(i), 1 + i % 4, i % 2 == 0, 0.9974 + i * 1e-5 * scale, i * scale) for i in range(9)]
+        record = {"step": 3, "prompt": "p", "entropy_threshold": 0.9976, "divergence_threshold": 0.5, "tokens": tokens}
+        report.plot_tip_map([record], tmp_path / "map.png")
+    finally:
+        report._save = original
+    (figure,) = figures
+    FigureCanvasAgg(figure).draw()
+    renderer = figure.canvas.get_renderer()
+    ax = figure.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        low, high = sorted(axis.get_view_interval())
+        labels = [
+            t for t in axis.get_ticklabels() if t.get_text() and low <= t.get_position()[axis is ax.yaxis] <= high
+        ]
+        texts = [t.get_text() for t in labels]
+        assert len(labels) >= 2 and len(set(texts)) == len(texts), texts
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]), texts
+
+
+def test_map_and_page_name_the_same_steps():
+    records = [
+        {
+            "step": s,
+            "prompt": "p",
+            "entropy_threshold": 0.5,
+            "divergence_threshold": 0.5,
+            "tokens": [_token("a", 3, True)],
+        }
+        for s in (5, 10, 15, 20)
+    ]
+    from trl_tip.report import map_steps
+
+    assert map_steps(records, 3) == [5, 15, 20]
+    page = render_tokens_html(records, max_steps=5, map_steps=map_steps(records, 3))
+    steps = ", ".join(map(str, map_steps(records, 3)))
+    assert "showing steps 5, 10, 15, 20 (every dumped step)" in page
+    assert f"The TIP map (tip_map.png) draws steps {steps} (3 of the 4 dumped: 5, 10, 15, 20)" in page

@@ -49,3 +49,18 @@ def test_tokenizer_keeps_its_ids():
         97,
     ]
     assert tokenizer(" ", add_special_tokens=False)["input_ids"] == [98]
+
+
+def test_quickstart_sample_is_the_demos_output():
+    """docs/quickstart.md quotes what `trl-tip demo` prints for the saved default run, rendered by the demo's own
+    printing code (so a change of the table or of the words shows here)."""
+    from pathlib import Path
+
+    from trl_tip.demo import DOC_BEGIN, DOC_END, doc_sample
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "quickstart.md").read_text()
+    block = doc.split(DOC_BEGIN)[1].split(DOC_END)[0]
+    sample = doc_sample(str(root / "benchmarks" / "results" / "demo" / "trainer_state.json"))
+    assert block.strip() == f"```text\n{sample}\n```"
+    assert "tokens/step" in sample and "kept share" in sample and "a high Q3 loss share means" in sample

@@ -83,6 +83,7 @@ def forward_hooks(module: nn.Module) -> dict[int, Callable]:
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "TRAINER_STATE_NAME",
+    "argparse_actions",
     "ChunkedDivergenceFunction",
     "DistillationConfig",
     "DistillationTrainer",
@@ -99,3 +100,10 @@ __all__ = [
     "sort_checkpoints",
     "unwrap_model_for_generation",
 ]
+
+
+def argparse_actions(parser) -> list:
+    """The actions of an `argparse.ArgumentParser` (`parser._actions`, private in argparse): every option with its
+    `dest`, `option_strings`, `type`, `nargs`, `const` and `help`. `trl-tip train` reads them to tell which options a
+    command line gives and to rewrite TRL's help text of the teacher."""
+    return parser._actions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -33,23 +34,56 @@ def quiet_third_party_noise() -> None:
         generation_logger.addFilter(MessageFilter(GENERATION_CONFIG_NOTICE))
 
 
+DEBUG_ENV = "TRL_TIP_DEBUG"
+# What a user's input can raise: a bad option or value (ValueError, TypeError from a config), a missing file or model
+# (OSError), a missing optional package (ImportError). Other exceptions are bugs and keep their traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """Whether `--debug` is on the command line or `TRL_TIP_DEBUG` is set (to anything but `0` or empty)."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `trl-tip` command. A user error ends it with one line on stderr (what, which option, the fix) and exit
+    code 2; `--debug` (or `TRL_TIP_DEBUG=1`) shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
         message = (
-            "usage: trl-tip COMMAND [options]\n\ncommands:\n"
+            "usage: trl-tip COMMAND [options] [--debug]\n\ncommands:\n"
             + "\n".join(lines)
-            + "\n\n`trl-tip COMMAND --help` shows a command's options."
+            + "\n\n`trl-tip COMMAND --help` shows a command's options; --debug (or TRL_TIP_DEBUG=1) shows the "
+            "traceback of an error."
         )
         if argv and argv[0] not in ("-h", "--help"):
-            sys.exit(f"trl-tip: unknown command {argv[0]!r}\n{message}")
+            print(f"trl-tip: unknown command {argv[0]!r}\n{message}", file=sys.stderr)
+            sys.exit(2)
         print(message)
         return
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
+    try:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        module.main(argv[1:])
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        sys.stderr.flush()
+        print(f"trl-tip {argv[0]}: error: {short_message(error)}", file=sys.stderr)
+        print(f"(--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def short_message(error: BaseException) -> str:
+    """The error's message on one line (its type named when the message alone would not say what failed)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, TypeError)) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ with `TIPTrainer`, and print the Q1–Q4 table of the run. Nothing is downloaded
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from transformers.trainer_callback import ProgressCallback
 
@@ -15,11 +16,19 @@ from .toy import arithmetic_dataset, make_model, make_tokenizer, pretrain
 from .trainers import TIPTrainer
 
 
-__all__ = ["DEMO_TOKEN_SELECTION", "QuietProgressCallback", "format_quadrant_table", "main", "run_demo"]
+__all__ = [
+    "DEMO_TOKEN_SELECTION",
+    "QuietProgressCallback",
+    "format_quadrant_table",
+    "format_summary",
+    "main",
+    "run_demo",
+]
 
 # The demo's rule: the TIP paper's type-aware rule, which shows the quadrants at work. `TIPConfig` defaults to
 # `entropy_sample` (the paper's 50% entropy rule), the safer choice for real runs (see docs/quality.md).
 DEMO_TOKEN_SELECTION = "tip"
+WIDTH = 100  # of the wrapped lines of the summary
 
 
 class QuietProgressCallback(ProgressCallback):
@@ -57,15 +66,7 @@ def run_demo(
         verbose (`bool`): Print the Trainer's log dicts under the progress bar (as any `Trainer` does); `False`
             draws the progress bars only.
     """
-    tokenizer = make_tokenizer()
-    train = arithmetic_dataset(512, seed=seed)
-    progress = None if verbose else "pretraining the teacher"
-    teacher = make_model(tokenizer, 128, 4, seed=seed + 1)
-    teacher = pretrain(teacher, tokenizer, train, steps=teacher_steps, seed=seed, progress=progress)
-    student = make_model(tokenizer, 64, 2, seed=seed + 2)
-    if student_steps > 0:
-        progress = None if verbose else "pretraining the student"
-        student = pretrain(student, tokenizer, train, steps=student_steps, seed=seed + 1, progress=progress)
+    # The config first: a bad option fails before the models are pretrained.
     extra = {"quadrants": ["Q3"]} if token_selection == "quadrants" else {}
     if token_selection in ("all", "quadrants"):
         keep_ratio = None
@@ -89,6 +90,15 @@ def run_demo(
         keep_ratio=keep_ratio,
         **extra,
     )
+    tokenizer = make_tokenizer()
+    train = arithmetic_dataset(512, seed=seed)
+    progress = None if verbose else "pretraining the teacher"
+    teacher = make_model(tokenizer, 128, 4, seed=seed + 1)
+    teacher = pretrain(teacher, tokenizer, train, steps=teacher_steps, seed=seed, progress=progress)
+    student = make_model(tokenizer, 64, 2, seed=seed + 2)
+    if student_steps > 0:
+        progress = None if verbose else "pretraining the student"
+        student = pretrain(student, tokenizer, train, steps=student_steps, seed=seed + 1, progress=progress)
     callbacks = [TokenDumpCallback(dump_tokens_every, dump_completions)] if dump_tokens_every else None
     trainer = TIPTrainer(
         model=student,
@@ -104,6 +114,72 @@ def run_demo(
     trainer.train()
     trainer.save_state()
     return trainer
+
+
+def format_summary(log_history: list[dict[str, float]], token_selection: str, output_dir: str) -> str:
+    """What `trl-tip demo` prints after training: the loss, the Q1–Q4 table of the last logging step with a legend,
+    one line on Q3 and where the run is.
+
+    Args:
+        log_history (`list[dict]`): `trainer.state.log_history` of the run.
+        token_selection (`str`): The rule the run used.
+        output_dir (`str`): The run's folder.
+    """
+    p = METRIC_PREFIX
+    logs = [log for log in log_history if f"{p}/kept_frac" in log]
+    if not logs:
+        raise ValueError("The run logged no tip/... metrics; give --max_steps >= 1.")
+    last = logs[-1]
+    q3_share, q3_loss, q3_kept = (last[f"{p}/q3/{key}"] for key in ("frac", "loss_share", "kept_frac"))
+    return "\n".join(
+        [
+            f"trl-tip demo: token_selection={token_selection}; loss {logs[0]['loss']:.4f} at step {logs[0]['step']} "
+            f"-> {last['loss']:.4f} at step {last['step']}",
+            f"Q1-Q4 at step {last['step']} (H: student entropy, D: teacher-student divergence; high/low: above/below "
+            "the step's median):",
+            format_quadrant_table(last),
+            textwrap.fill(
+                "tokens/step, kept/step: counts per optimizer step; share: of all tokens; kept share: of the "
+                "quadrant's tokens; loss share: of the loss over all tokens.",
+                width=WIDTH,
+            ),
+            textwrap.fill(
+                f"Q3 (the student is confident, the teacher disagrees) holds {q3_loss:.0%} of the loss on "
+                f"{q3_share:.0%} of the tokens, and {token_selection} kept {q3_kept:.0%} of them: a high Q3 loss share "
+                "means confident mistakes carry much of the signal, which q3_score and quadrant_budget keep first.",
+                width=WIDTH,
+            ),
+            f"trainer_state.json and checkpoint in {output_dir}; `trl-tip report {output_dir}` draws the run.",
+        ]
+    )
+
+
+DOC_BEGIN, DOC_END = "<!-- demo-output: begin -->", "<!-- demo-output: end -->"
+
+
+def doc_sample(run: str = "benchmarks/results/demo/trainer_state.json") -> str:
+    """The quickstart's sample output: the header and summary `trl-tip demo` prints, from the `log_history` of a
+    default demo run (saved by `trl-tip demo --output_dir runs/demo` in `runs/demo/trainer_state.json`)."""
+    import json
+
+    with open(run, encoding="utf-8") as f:
+        history = json.load(f)["log_history"]
+    return "\n".join(
+        [
+            header(300, 40, 20, DEMO_TOKEN_SELECTION, 0.5),
+            "",
+            format_summary(history, DEMO_TOKEN_SELECTION, "runs/demo"),
+        ]
+    )
+
+
+def header(teacher_steps: int, student_steps: int, max_steps: int, token_selection: str, keep_ratio) -> str:
+    """The first line `trl-tip demo` prints."""
+    return (
+        f"trl-tip demo: a {teacher_steps}-step teacher and a {student_steps}-step student on arithmetic, then "
+        f"{max_steps} distillation steps with token_selection={token_selection}"
+        + (f", keep_ratio={keep_ratio}" if keep_ratio is not None else "")
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -156,12 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         quiet_third_party_noise()
         hf_logging.disable_progress_bar()  # the "Writing model shards" bar of each save
     keep_ratio = None if ns.token_selection in ("all", "quadrants") else ns.keep_ratio
-    print(
-        f"trl-tip demo: a {ns.teacher_steps}-step teacher and a {ns.student_steps}-step student on arithmetic, then "
-        f"{ns.max_steps} distillation steps with token_selection={ns.token_selection}"
-        + (f", keep_ratio={keep_ratio}" if keep_ratio is not None else ""),
-        flush=True,
-    )
+    print(header(ns.teacher_steps, ns.student_steps, ns.max_steps, ns.token_selection, keep_ratio), flush=True)
     trainer = run_demo(
         ns.output_dir,
         ns.token_selection,
@@ -174,13 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         dump_completions=ns.dump_completions,
         verbose=ns.verbose,
     )
-    step_logs = [log for log in trainer.state.log_history if f"{METRIC_PREFIX}/kept_frac" in log]
-    print(f"\ntrl-tip demo: token_selection={ns.token_selection}, {len(step_logs)} logging steps")
-    print(f"loss: first {step_logs[0]['loss']:.4f} -> last {step_logs[-1]['loss']:.4f}")
-    print(f"Q1-Q4 at step {step_logs[-1]['step']}:")
-    print(format_quadrant_table(step_logs[-1]))
-    print(f"trainer_state.json and checkpoint in {ns.output_dir}; `trl-tip report {ns.output_dir}` draws the run")
+    print("\n" + format_summary(trainer.state.log_history, ns.token_selection, ns.output_dir), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trl_tip.cli import main as cli_main
+
+    cli_main(["demo", *sys.argv[1:]])

@@ -27,6 +27,7 @@ __all__ = [
     "load_tip_history",
     "load_token_dump",
     "main",
+    "map_steps",
     "render_tokens_html",
     "write_report",
 ]
@@ -198,6 +199,29 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _readable_axis(axis) -> None:
+    """At most 5 ticks with labels that fit, whatever the range: no offset (a newcomer reads the values as printed),
+    scientific notation beyond 1e-3..1e4, and a degenerate range (one value) widened so the ticks differ."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+    axis.set_major_locator(MaxNLocator(nbins=4, min_n_ticks=2))
+    formatter = ScalarFormatter(useOffset=False, useMathText=True)
+    formatter.set_powerlimits((-3, 4))
+    axis.set_major_formatter(formatter)
+
+
+def _widen_degenerate(ax, xs: list[float], ys: list[float]) -> None:
+    """Limits for data of (nearly) one value on an axis: ±5% of the value (±0.05 around 0), so ticks stay distinct."""
+    for values, setter in ((xs, ax.set_xlim), (ys, ax.set_ylim)):
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            continue
+        low, high = min(finite), max(finite)
+        if high - low <= 1e-9 * max(1.0, abs(high)):
+            pad = 0.05 * abs(high) or 0.05
+            setter(low - pad, high + pad)
+
+
 def _legend(ax, reverse: bool = False) -> None:
     """The legend outside the axes, on the right; `reverse` lists a stack from top to bottom."""
     handles, labels = ax.get_legend_handles_labels()
@@ -254,6 +278,7 @@ def plot_quadrant_signals(history: list[dict[str, float]], path: Path) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(f"Mean {key} per quadrant (tip/q*/{key})")
+        _readable_axis(ax.yaxis)
     _legend(axes[1])
     return _save(figure, path)
 
@@ -285,15 +310,21 @@ def _by_step(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     return dict(sorted(steps.items()))
 
 
+def map_steps(records: list[dict[str, Any]], max_panels: int = 3) -> list[int]:
+    """The dumped steps the TIP map draws: up to `max_panels`, spread from the first dumped step to the last."""
+    return _spread(list(_by_step(records)), max_panels)
+
+
 def plot_tip_map(records: list[dict[str, Any]], path: Path, max_panels: int = 3) -> Path:
     """The TIP map: entropy against divergence of the dumped tokens, coloured by quadrant, kept tokens filled.
 
-    One panel per dumped step (up to `max_panels`, spread from the first to the last), each with its own thresholds.
+    One panel per dumped step (the steps of [`map_steps`]), each with its own thresholds; the title names the steps
+    drawn and those dumped.
     """
     from matplotlib.lines import Line2D
 
     steps = _by_step(records)
-    chosen = _spread(list(steps), max_panels)
+    chosen = map_steps(records, max_panels)
     figure, axes = _new_figure(width=4.2 * len(chosen) + 1.6, height=4.2, ncols=len(chosen))
     for ax, step in zip(axes, chosen):
         step_records = steps[step]
@@ -317,6 +348,11 @@ def plot_tip_map(records: list[dict[str, Any]], path: Path, max_panels: int = 3)
         ax.margins(0.12)
         ax.axvline(h_threshold, color="black", ls="--", lw=1)
         ax.axhline(d_threshold, color="black", ls="--", lw=1)
+        _widen_degenerate(
+            ax, [t["entropy"] for t in tokens] + [h_threshold], [t["divergence"] for t in tokens] + [d_threshold]
+        )
+        _readable_axis(ax.xaxis)
+        _readable_axis(ax.yaxis)
         for q, (x, y, ha, va) in {
             1: (0.98, 0.98, "right", "top"),
             2: (0.98, 0.02, "right", "bottom"),
@@ -348,8 +384,16 @@ def plot_tip_map(records: list[dict[str, Any]], path: Path, max_panels: int = 3)
         Line2D([], [], ls="--", color="black", label="thresholds"),
     ]
     axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    figure.suptitle("TIP map of the dumped completion tokens")
+    figure.suptitle(f"TIP map of the dumped completion tokens: {_steps_caption(chosen, list(steps))}")
     return _save(figure, path)
+
+
+def _steps_caption(shown: list[int], dumped: list[int]) -> str:
+    """`"steps 5, 10, 20 (3 of the 4 dumped: 5, 10, 15, 20)"`, or `"steps 5, 10 (every dumped step)"`."""
+    named = f"step{'s' if len(shown) > 1 else ''} {', '.join(map(str, shown))}"
+    if len(shown) == len(dumped):
+        return f"{named} (every dumped step)"
+    return f"{named} ({len(shown)} of the {len(dumped)} dumped: {', '.join(map(str, dumped))})"
 
 
 # ------------------------------------------------------------------------------------------------------------- html
@@ -413,7 +457,12 @@ def _counts_table(records: list[dict[str, Any]]) -> str:
     return '<table class="counts">' + "".join(rows) + "</table>"
 
 
-def render_tokens_html(records: list[dict[str, Any]], title: str = "trl-tip tokens", max_steps: int = 5) -> str:
+def render_tokens_html(
+    records: list[dict[str, Any]],
+    title: str = "trl-tip tokens",
+    max_steps: int = 5,
+    map_steps: list[int] | None = None,
+) -> str:
     """An HTML page of the dumped completions: kept tokens highlighted, every token underlined in its quadrant colour.
 
     Hovering a token shows its quadrant, weight, entropy, divergence, loss and both models' probabilities.
@@ -422,6 +471,7 @@ def render_tokens_html(records: list[dict[str, Any]], title: str = "trl-tip toke
         records (`list[dict]`): Records of a token dump (see [`load_token_dump`]).
         title (`str`): Page title.
         max_steps (`int`): Dumped steps shown, spread from the first to the last.
+        map_steps (`list[int]`, *optional*): The steps the TIP map draws, named on the page.
 
     Returns:
         `str`: A self-contained page (inline CSS, no script, nothing fetched).
@@ -442,9 +492,14 @@ def render_tokens_html(records: list[dict[str, Any]], title: str = "trl-tip toke
         "</head>",
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="meta">{len(records)} completions dumped at {len(steps)} steps; showing steps '
-        f"{', '.join(str(s) for s in shown)}. Grey: prompt. Highlighted: kept tokens; underline: quadrant. "
-        "Hover a token for its signals.</p>",
+        f'<p class="meta">{len(records)} completions dumped at {len(steps)} steps; showing '
+        f"{html.escape(_steps_caption(shown, list(steps)))}."
+        + (
+            f" The TIP map (tip_map.png) draws {html.escape(_steps_caption(map_steps, list(steps)))}."
+            if map_steps
+            else ""
+        )
+        + " Grey: prompt. Highlighted: kept tokens; underline: quadrant. Hover a token for its signals.</p>",
         f'<div class="legend">{legend}</div>',
     ]
     for step in shown:
@@ -544,7 +599,8 @@ def write_report(
             report.figures["tip_map"] = plot_tip_map(records, out / FIGURES["tip_map"], max_panels=map_panels)
             report.html = out / HTML_NAME
             title = f"trl-tip tokens of {state_path.parent.name}"
-            report.html.write_text(render_tokens_html(records, title, max_steps=html_steps), encoding="utf-8")
+            page = render_tokens_html(records, title, max_steps=html_steps, map_steps=map_steps(records, map_panels))
+            report.html.write_text(page, encoding="utf-8")
     return report
 
 
@@ -562,10 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     if ns.html_steps < 1 or ns.map_panels < 1:
         parser.error("--html_steps and --map_panels must be >= 1")
-    try:
-        report = write_report(ns.run_dir, ns.output_dir, ns.tokens, ns.html_steps, ns.map_panels)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"trl-tip report: {error}") from error
+    report = write_report(ns.run_dir, ns.output_dir, ns.tokens, ns.html_steps, ns.map_panels)
     print(f"trl-tip report of {report.trainer_state}")
     print(report.table)
     print("\nwrote:")
@@ -581,4 +634,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trl_tip.cli import main as cli_main
+
+    cli_main(["report", *sys.argv[1:]])

@@ -189,23 +189,42 @@ class TIPStatistics:
 
 
 def format_quadrant_table(logs: dict[str, float]) -> str:
-    """A text table of the `tip/q{n}/...` metrics of one log entry, and a line with the kept share and thresholds.
+    """A text table of one log entry's `tip/...` metrics: per quadrant the tokens and the kept tokens per step
+    (counts), the quadrant's share of the tokens, the share of it kept, its share of the loss and its mean signals;
+    a line `all` with the totals, and a line with the thresholds.
 
     Args:
-        logs (`dict[str, float]`): One entry of `trainer.state.log_history` (missing quadrant keys print as `nan`).
+        logs (`dict[str, float]`): One entry of `trainer.state.log_history` (a missing quadrant key prints as `nan`).
 
     Returns:
-        `str`: The table, one line per quadrant.
+        `str`: The table.
     """
-    columns = ("frac", "kept_frac", "entropy", "divergence", "loss_share")
-    lines = [f"{'quadrant':<20}" + "".join(f"{c:>12}" for c in columns)]
+    p = METRIC_PREFIX
+    eligible = logs.get(f"{p}/tokens_eligible", float("nan"))
+    header = ("tokens/step", "share", "kept/step", "kept share", "loss share", "mean H", "mean D")
+    widths = (13, 8, 11, 12, 12, 9, 9)
+    lines = [f"{'quadrant':<18}" + "".join(f"{h:>{w}}" for h, w in zip(header, widths))]
     for q in range(1, 5):
-        values = [logs.get(f"{METRIC_PREFIX}/q{q}/{c}", float("nan")) for c in columns]
-        lines.append(f"{QUADRANT_NAMES[q]:<20}" + "".join(f"{v:>12.4f}" for v in values))
+        frac, kept_frac, entropy, divergence, loss_share = (
+            logs.get(f"{p}/q{q}/{key}", float("nan"))
+            for key in ("frac", "kept_frac", "entropy", "divergence", "loss_share")
+        )
+        values = (
+            f"{frac * eligible:.1f}",
+            f"{frac:.3f}",
+            f"{kept_frac * frac * eligible:.1f}",
+            f"{kept_frac:.3f}",
+            f"{loss_share:.3f}",
+            f"{entropy:.4f}",
+            f"{divergence:.4f}",
+        )
+        lines.append(f"{QUADRANT_NAMES[q]:<18}" + "".join(f"{v:>{w}}" for v, w in zip(values, widths)))
+    kept_frac = logs.get(f"{p}/kept_frac", float("nan"))
+    kept = logs.get(f"{p}/tokens_kept", kept_frac * eligible)
+    total = (f"{eligible:.1f}", "1.000", f"{kept:.1f}", f"{kept_frac:.3f}", "1.000")
+    lines.append(f"{'all':<18}" + "".join(f"{v:>{w}}" for v, w in zip(total, widths)))
     lines.append(
-        f"kept {logs.get(f'{METRIC_PREFIX}/kept_frac', 0.0):.3f} of "
-        f"{logs.get(f'{METRIC_PREFIX}/tokens_eligible', 0.0):.1f} eligible tokens/step; thresholds H >= "
-        f"{logs.get(f'{METRIC_PREFIX}/entropy_threshold', 0.0):.4f}, D >= "
-        f"{logs.get(f'{METRIC_PREFIX}/divergence_threshold', 0.0):.4f}"
+        f"thresholds: H >= {logs.get(f'{p}/entropy_threshold', float('nan')):.4f} (student entropy / ln V), "
+        f"D >= {logs.get(f'{p}/divergence_threshold', float('nan')):.4f} (teacher-student divergence)"
     )
     return "\n".join(lines)

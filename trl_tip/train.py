@@ -145,6 +145,9 @@ def short_help() -> str:
     return SHORT_HELP.replace("{rules}", ("\n" + " " * 32).join(lines))
 
 
+USAGE = "trl-tip train [--config RECIPE.yaml] [--trainer {gkd,distillation}] [OPTIONS]  (--help, --help-all)"
+
+
 def make_parser(trainer: str = "gkd", prog: str = "trl-tip train"):
     """The `TrlParser` of `(TrainScriptArguments, TIPConfig or TIPDistillationConfig, TIPModelConfig)`.
 
@@ -154,14 +157,15 @@ def make_parser(trainer: str = "gkd", prog: str = "trl-tip train"):
     """
     from trl import TrlParser
 
+    from ._compat import argparse_actions
     from .config import TIPConfig, TIPDistillationConfig
     from .models import TIPModelConfig
 
     if trainer not in TRAINERS:
         raise ValueError(f"trainer={trainer!r} is unknown; use one of {', '.join(TRAINERS)}.")
     config_class = TIPConfig if trainer == "gkd" else TIPDistillationConfig
-    parser = TrlParser((TrainScriptArguments, config_class, TIPModelConfig), prog=prog)
-    for action in parser._actions:
+    parser = TrlParser((TrainScriptArguments, config_class, TIPModelConfig), prog=prog, usage=USAGE)
+    for action in argparse_actions(parser):
         if action.dest == "teacher_model_name_or_path":
             action.help = TEACHER_HELP  # TRL's text says the teacher defaults to the student; trl-tip refuses that
     return parser
@@ -184,12 +188,15 @@ def trainer_of(argv: list[str]) -> str:
         import yaml
 
         with open(config, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f)
+            try:
+                recipe = yaml.safe_load(f)
+            except yaml.YAMLError:
+                recipe = None  # reported by the recipe reader
         if isinstance(recipe, dict) and recipe.get("trainer") is not None:
             trainer = str(recipe["trainer"])
     trainer = trainer or "gkd"
     if trainer not in TRAINERS:
-        raise ValueError(f"trainer={trainer!r} is unknown; use one of {', '.join(TRAINERS)}.")
+        raise ValueError(f"trainer={trainer!r} is unknown; use one of {', '.join(TRAINERS)} (--trainer).")
     return trainer
 
 
@@ -198,28 +205,57 @@ def _explain_bf16(error: ValueError) -> ValueError | None:
     if "bf16" not in str(error):
         return None
     return ValueError(
-        f"{error}\ntrl-tip train: bf16 mixed precision is on (the recipes under recipes/ set `bf16: true` and "
-        "`dtype: bfloat16`, for a GPU) and no GPU is visible. To train on this CPU in float32, add `--use_cpu true "
-        "--bf16 false --dtype float32 --teacher_dtype float32` (`--use_cpu true` alone keeps bf16, which is slow on "
-        "most CPUs); on a GPU machine, check that torch sees the GPU (torch.cuda.is_available())."
+        "bf16=True (the recipes under recipes/ set `bf16: true` and `dtype: bfloat16`, for a GPU) needs a GPU, and "
+        "none is visible. To train on this CPU in float32, add --use_cpu true --bf16 false --dtype float32 "
+        "--teacher_dtype float32; on a GPU machine, check that torch.cuda.is_available()."
     )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any]:
     """Parses a `trl-tip train` command line (and its recipe) into `(script_args, training_args, model_args)`.
 
+    Before TRL's parser, the recipe and the flags are translated for the chosen trainer and a rule given on the
+    command line drops the recipe's options it does not read (`trl_tip.recipe`); the info lines go to stderr.
+
     Raises:
-        ValueError: for an invalid option, with the fix for `bf16: true` on a CPU machine.
+        ValueError: for an invalid option (one line naming the option and the fix).
     """
+    from .recipe import print_notes, read_command_line, translate
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(trainer_of(argv))
+    trainer = trainer_of(argv)
+    parser = make_parser(trainer)
+    other_parser = make_parser("distillation" if trainer == "gkd" else "gkd")
+    line = translate(read_command_line(argv, parser, other_parser), trainer, parser, other_parser)
+    print_notes(line.notes)
+    if line.recipe is not None:
+        unknown = sorted(set(line.recipe) - {a.dest for a in _actions(parser)})
+        if unknown:
+            raise ValueError(
+                f"--config {line.recipe_path}: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
+                f"of trl-tip train --trainer {trainer}; `trl-tip train --help-all --trainer {trainer}` lists them."
+            )
+        parser.set_defaults_with_config(**line.recipe)
     try:
-        return parser.parse_args_and_config(args=argv)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=line.argv(), return_remaining_strings=True)
     except ValueError as error:
         explained = _explain_bf16(error)
         if explained is None:
             raise
         raise explained from error
+    if remaining:
+        options = [r for r in remaining if r.startswith("-")] or remaining
+        raise ValueError(
+            f"unknown option{'s' if len(options) > 1 else ''} {' '.join(options)} for trl-tip train --trainer "
+            f"{trainer}; `trl-tip train --help-all --trainer {trainer}` lists every option."
+        )
+    return tuple(parsed)
+
+
+def _actions(parser) -> list:
+    from ._compat import argparse_actions
+
+    return argparse_actions(parser)
 
 
 def load_training_dataset(script_args) -> Any:
@@ -429,4 +465,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from trl_tip.cli import main as cli_main
+
+    cli_main(["train", *sys.argv[1:]])

@@ -5,8 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers.utils import logging
 
-__all__ = ["check_chat_columns", "check_chat_template", "check_conversations", "check_not_empty"]
+
+__all__ = [
+    "check_chat_columns",
+    "check_chat_template",
+    "check_conversations",
+    "check_not_empty",
+    "count_long_conversations",
+    "warn_long_conversations",
+    "warn_short_dataset",
+]
+
+logger = logging.get_logger(__name__)
+# Conversations tokenized to count those longer than max_length (the first ones of a larger dataset).
+LONG_CHECK_ROWS = 10_000
 
 
 def check_chat_columns(dataset: Any, name: str) -> None:
@@ -115,3 +129,65 @@ def check_chat_template(processing_class: Any, *datasets: Any) -> None:
             "GKDTrainer) formats each `messages` conversation with tokenizer.apply_chat_template. Use the tokenizer "
             "of an instruct/chat model, or set one: tokenizer.chat_template = '...' (a Jinja template)."
         )
+
+
+def warn_short_dataset(dataset: Any, args: Any, name: str = "train_dataset") -> bool:
+    """Warns (one line) when `dataset` has fewer rows than one optimizer step takes, so that every step trains on
+    short batches. Returns whether it warned."""
+    try:
+        rows = len(dataset)
+    except TypeError:
+        return False  # an IterableDataset: its length is unknown
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    processes = getattr(args, "world_size", 1)
+    needed = per_device * accumulation * processes
+    if dataset is None or rows >= needed:
+        return False
+    logger.warning(
+        f"{name} has {rows} row{'s' if rows != 1 else ''}, fewer than one optimizer step takes "
+        f"(per_device_train_batch_size {per_device} x gradient_accumulation_steps {accumulation} x {processes} "
+        f"process{'es' if processes != 1 else ''} = {needed}): every step trains on short batches. Add rows or lower "
+        "per_device_train_batch_size."
+    )
+    return True
+
+
+def count_long_conversations(
+    dataset: Any, tokenizer: Any, max_length: int, limit: int = LONG_CHECK_ROWS
+) -> tuple[int, int, int]:
+    """Counts the conversations of a `messages` dataset longer than `max_length` tokens once formatted with the chat
+    template, as GKD's collator (`DataCollatorForChatML`) tokenizes them.
+
+    Returns:
+        `(long, checked, longest)`: conversations longer than `max_length`, conversations checked (the first `limit`),
+        and the longest length seen.
+    """
+    checked = min(len(dataset), limit)
+    rows = dataset.select(range(checked)) if checked < len(dataset) else dataset
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=False, tokenize=False) for m in rows["messages"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    return sum(n > max_length for n in lengths), checked, max(lengths, default=0)
+
+
+def warn_long_conversations(dataset: Any, tokenizer: Any, max_length: int | None, name: str) -> int:
+    """Warns once when conversations are longer than `max_length`: GKD's collator keeps their last `max_length`
+    tokens, cutting the start of the prompt (its first role header) without a word. Returns how many were found."""
+    for label, split in _splits(dataset, name):
+        columns = getattr(split, "column_names", None)
+        if max_length is None or tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            return 0
+        if not isinstance(columns, (list, tuple)) or "messages" not in columns or "input_ids" in columns:
+            continue
+        try:
+            long, checked, longest = count_long_conversations(split, tokenizer, max_length)
+        except Exception:  # noqa: BLE001 - a layout the collator reads another way: not this check's concern
+            continue
+        if long:
+            of = f"the first {checked}" if checked < len(split) else f"the {checked}"
+            logger.warning(
+                f"{label}: {long} of {of} conversations are longer than max_length={max_length} tokens (longest "
+                f"{longest}); GKD's collator keeps their last {max_length} tokens, cutting the start of the prompt "
+                "(its first role header included). Raise max_length or filter them."
+            )
+            return long
+    return 0

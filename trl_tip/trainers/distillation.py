@@ -13,7 +13,7 @@ from .._compat import DistillationTrainer, last_hidden_state
 from ..config import TIPDistillationConfig
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin, default_config
-from .data_checks import check_not_empty
+from .data_checks import check_not_empty, warn_short_dataset
 
 
 __all__ = ["TIPDistillationTrainer"]
@@ -97,6 +97,7 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
         )
         if self.teacher_model is None:
             raise ValueError("TIPDistillationTrainer needs a teacher: pass teacher_model.")
+        warn_short_dataset(train_dataset, args)
         self._init_tip(args, selector, beta=self.beta, temperature=self.temperature)
 
     # ------------------------------------------------------------------ forward passes and loss

@@ -17,7 +17,14 @@ from ..generation import StepGenerator, fast_generation_problem, unwrap_for_gene
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student, default_config
-from .data_checks import check_chat_columns, check_chat_template, check_conversations, check_not_empty
+from .data_checks import (
+    check_chat_columns,
+    check_chat_template,
+    check_conversations,
+    check_not_empty,
+    warn_long_conversations,
+    warn_short_dataset,
+)
 
 
 __all__ = ["TIPTrainer"]
@@ -134,6 +141,10 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
                 formatting_func=formatting_func,
             )
         args.model_init_kwargs, args.teacher_model_init_kwargs = init_kwargs
+        warn_short_dataset(train_dataset, args)
+        if data_collator is None:
+            for dataset, name in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+                warn_long_conversations(dataset, self.processing_class, args.max_length, name)
         if args.lmbda == 1.0 and args.temperature == 1.0:
             logger.info(
                 "With lmbda=1.0 and temperature=1.0 this run is also covered by TIPDistillationTrainer (TRL's "
