@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import warnings
 
+from transformers import Trainer
+
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
@@ -25,7 +27,9 @@ from trl.models.utils import _ForwardRedirection as ForwardRedirection
 from trl.models.utils import unwrap_model_for_generation
 
 # The mainline on-policy distillation trainer (TRL >= 1.16). `_compute_loss(unwrapped_student, inputs,
-# num_items_in_batch) -> (loss, entropy_sum, num_valid)` and `_get_last_hidden_state` are private: contract-tested.
+# num_items_in_batch) -> (loss, entropy_sum, num_valid)`, `_get_last_hidden_state` and
+# `_generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)` (each row's completion ids up to its
+# first EOS; the fast path overrides it) are private: contract-tested.
 from trl.trainer.distillation_config import DistillationConfig
 from trl.trainer.distillation_trainer import DistillationTrainer
 
@@ -40,6 +44,23 @@ with warnings.catch_warnings():
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 
+def gkd_parent_training_step(trainer, model, inputs, num_items_in_batch):
+    """The `training_step` of `GKDTrainer`'s parent (`SFTTrainer`'s): a step on `inputs` as given, without GKD's
+    on-policy generation (TIPTrainer has generated the whole optimizer step's completions before)."""
+    return super(GKDTrainer, trainer).training_step(model, inputs, num_items_in_batch)
+
+
+def load_rng_state(trainer, checkpoint) -> None:
+    """`Trainer._load_rng_state` (private): restores the Python, NumPy and torch RNG states saved with `checkpoint`."""
+    Trainer._load_rng_state(trainer, checkpoint)
+
+
+def prepare_inputs(trainer, inputs):
+    """`Trainer._prepare_inputs` (private): moves a batch's tensors to the trainer's device (no generation; TRL's
+    `DistillationTrainer` overrides the method to generate, this is the base one)."""
+    return Trainer._prepare_inputs(trainer, inputs)
+
+
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "TRAINER_STATE_NAME",
@@ -49,6 +70,9 @@ __all__ = [
     "ForwardRedirection",
     "GKDConfig",
     "GKDTrainer",
+    "gkd_parent_training_step",
+    "load_rng_state",
+    "prepare_inputs",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",
