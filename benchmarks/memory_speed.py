@@ -10,14 +10,16 @@ runs `--grad-accum` micro-batches of `B` sequences exactly as `Trainer.train` ru
 * **End to end** (`--generation`): every step samples `--max-new-tokens` tokens after prompts of up to `--prompt`
   tokens (lengths vary by up to `--prompt-jitter` from row to row and step to step, left-padded), then trains on them:
   GKD inside `training_step`, one micro-batch at a time; `TIPTrainer` in `get_batch_samples`, all micro-batches at
-  once (default path: dynamic KV cache; `fast/` rows: `fast_generation=True`, a static cache and a compiled decode
-  step); `DistillationTrainer` and `TIPDistillationTrainer` with TRL's transformers generation (buffered once per
-  optimizer step, dynamic cache, no compilation).
+  once; `DistillationTrainer` and `TIPDistillationTrainer` buffered once per optimizer step, with TRL's transformers
+  generation (dynamic cache, no compilation) or, for `TIPDistillationTrainer` on the fast path, trl-tip's step
+  generator in its place. trl-tip rows run their config's default `fast_generation='auto'` (on a GPU: the fast path,
+  a static cache and a compiled decode step; on CPU: the default path) unless the row prefix sets it.
 
 Rows (`--rules`, comma-separated): `gkd` (TRL GKDTrainer), `dist` (TRL DistillationTrainer), a trl-tip rule
 `name[:value]` (TIPTrainer; the value is `keep_ratio`, or the quadrants for `quadrants`, e.g. `quadrants:Q3+Q1`),
-`fast/name[:value]` (TIPTrainer with `fast_generation=True`) and `dist/name[:value]` (TIPDistillationTrainer). A rule
-the installed trl_tip does not know is skipped with a printed note.
+`dist/name[:value]` (TIPDistillationTrainer); the prefixes `fast/`, `dyn/`, `distfast/` and `distdyn/` set
+`fast_generation=True` (`fast`) or `False` (`dyn`, the dynamic-cache default path) on TIPTrainer or
+TIPDistillationTrainer. A rule the installed trl_tip does not know is skipped with a printed note.
 
 Reported per row: peak `torch.cuda.max_memory_allocated` over the timed steps (weights, gradients, optimizer state,
 KV caches), the median step time over `--steps` steps after `--warmup` steps (the first warm-up step, which holds
@@ -71,10 +73,21 @@ LOSS_RULES = (
     "gkd,dist,all,entropy_topk:0.5,entropy_sample:0.5,quadrants:Q3,tip:0.2,sstoken:0.6,"
     "dist/all,dist/entropy_topk:0.5,dist/entropy_sample:0.5,dist/tip:0.2"
 )
-GENERATION_RULES = "dist,gkd,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
+# The dynamic-path rows first (before anything is compiled in the process), then the defaults (auto).
+GENERATION_RULES = (
+    "dist,distdyn/entropy_sample:0.5,dyn/entropy_sample:0.5,gkd,dist/entropy_sample:0.5,entropy_sample:0.5"
+)
 GIB = 2**30
 # Row prefix -> (trainer, label prefix).
-ROW_PREFIXES = {"": ("tip", "TIP"), "fast": ("tip-fast", "TIP fast"), "dist": ("tip-dist", "TIPDist")}
+# Row prefix -> (trainer, label prefix, fast_generation; None: the config's default, "auto").
+ROW_PREFIXES = {
+    "": ("tip", "TIP", None),
+    "fast": ("tip-fast", "TIP fast", True),
+    "dyn": ("tip-dyn", "TIP dynamic", False),
+    "dist": ("tip-dist", "TIPDist", None),
+    "distfast": ("tip-dist-fast", "TIPDist fast", True),
+    "distdyn": ("tip-dist-dyn", "TIPDist dynamic", False),
+}
 H100_BANDWIDTH_GBS = 3350.0  # H100 SXM5 80GB HBM3 peak memory bandwidth
 
 # Qwen2.5-0.5B and Qwen2.5-1.5B shapes (config.json of the released models), random weights.
@@ -92,9 +105,10 @@ TINY_SHAPES = {
 class Rule:
     """One row: a TRL trainer (`gkd`, `dist`) or a trl-tip trainer with a selection rule."""
 
-    trainer: str  # "gkd", "dist", "tip", "tip-fast" or "tip-dist"
+    trainer: str  # "gkd", "dist", or a trl-tip trainer of ROW_PREFIXES
     label: str
     config: dict = field(default_factory=dict)
+    fast_generation: bool | None = None  # None: the config's default ("auto")
 
     @property
     def is_tip(self) -> bool:
@@ -102,7 +116,7 @@ class Rule:
 
     @property
     def distillation_format(self) -> bool:
-        return self.trainer in ("dist", "tip-dist")
+        return self.trainer == "dist" or self.trainer.startswith("tip-dist")
 
 
 @dataclass
@@ -132,6 +146,7 @@ class Result:
     graph_breaks: int = 0
     prefix_match: float = float("nan")
     profile_s: dict = field(default_factory=dict)  # --profile: seconds per phase of the profiled step, and "step"
+    fast_path: bool | None = None  # trl-tip rows: whether the fast path generated (the resolved fast_generation)
     note: str = ""
 
 
@@ -147,8 +162,9 @@ def parse_rules(spec: str) -> list[Rule]:
             continue
         prefix, _, rule = item.rpartition("/")
         if prefix not in ROW_PREFIXES:
-            raise ValueError(f"Unknown row prefix {prefix!r} in {item!r}: use fast/ or dist/ (or none).")
-        trainer, label_prefix = ROW_PREFIXES[prefix]
+            known = ", ".join(f"{p}/" for p in ROW_PREFIXES if p)
+            raise ValueError(f"Unknown row prefix {prefix!r} in {item!r}: use one of {known} (or none).")
+        trainer, label_prefix, fast_generation = ROW_PREFIXES[prefix]
         name, _, value = rule.partition(":")
         if name not in TOKEN_SELECTIONS:
             print(
@@ -166,7 +182,7 @@ def parse_rules(spec: str) -> list[Rule]:
             label = f"{label_prefix} {name} {float(value):.0%}"
         else:
             label = f"{label_prefix} {name}"
-        rules.append(Rule(trainer, label, config))
+        rules.append(Rule(trainer, label, config, fast_generation))
     return rules
 
 
@@ -425,6 +441,17 @@ def cpu_fast_generator(trainer):
     )
 
 
+def tip_generation_options(rule: Rule, ns) -> dict:
+    """The row's generation options: its bucket and `fast_generation` (left to the default when the prefix sets none;
+    on CPU the fast rows are built with the default and get `cpu_fast_generator` afterwards)."""
+    options = {"generation_pad_to_multiple_of": ns.pad_to_multiple_of}
+    if ns.chunk_size:
+        options["tip_chunk_size"] = ns.chunk_size
+    if rule.fast_generation is not None and not (rule.fast_generation and ns.device == "cpu"):
+        options["fast_generation"] = rule.fast_generation
+    return options
+
+
 def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, output_dir: str):
     common = common_args(ns, batch_size, output_dir)
     if rule.distillation_format:
@@ -434,7 +461,7 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
         if rule.trainer == "dist":
             args, cls = DistillationConfig(**common, **dist), DistillationTrainer
         else:
-            extra = {"tip_chunk_size": ns.chunk_size} if ns.chunk_size else {}
+            extra = tip_generation_options(rule, ns)
             args, cls = TIPDistillationConfig(**common, **dist, **rule.config, **extra), TIPDistillationTrainer
         dataset = Dataset.from_dict({"prompt": ["x"] * (batch_size * ns.grad_accum)})
         trainer = cls(
@@ -453,11 +480,8 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
         if rule.trainer == "gkd":
             args, cls = GKDConfig(**common, **gkd), GKDTrainer
         else:
-            extra = {"tip_chunk_size": ns.chunk_size} if ns.chunk_size else {}
-            extra["generation_pad_to_multiple_of"] = ns.pad_to_multiple_of
-            fast = rule.trainer == "tip-fast" and ns.device != "cpu"
-            args = TIPConfig(**common, **gkd, **rule.config, **extra, fast_generation=fast)
-            cls = TIPTrainer
+            extra = tip_generation_options(rule, ns)
+            args, cls = TIPConfig(**common, **gkd, **rule.config, **extra), TIPTrainer
         trainer = cls(
             model=student,
             teacher_model=teacher,
@@ -466,11 +490,9 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
             processing_class=tokenizer,
             data_collator=lambda rows: rows,
         )
-        if rule.trainer == "tip-fast" and ns.device == "cpu":
-            print(
-                f"    {rule.label}: on CPU, the static-cache path with dynamo's eager backend (smoke test)", flush=True
-            )
-            trainer.tip_generator = cpu_fast_generator(trainer)
+    if rule.fast_generation and ns.device == "cpu":
+        print(f"    {rule.label}: on CPU, the static-cache path with dynamo's eager backend (smoke test)", flush=True)
+        trainer.tip_generator = cpu_fast_generator(trainer)
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     trainer.create_optimizer()
@@ -585,7 +607,13 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
             graphs0, breaks0 = dynamo_counts()
             step = 0
             warmup, steps = (ns.gkd_warmup, ns.gkd_steps) if rule.trainer == "gkd" else (ns.warmup, ns.steps)
-            first: list | None = [] if ns.generation and rule.trainer in ("tip", "tip-fast") else None
+            if rule.is_tip:
+                generator = trainer.tip_generator
+                result.fast_path = generator is not None and generator.static_cache
+                if ns.generation and rule.fast_generation is None:
+                    result.rule = f"{rule.label} (auto: {'fast' if result.fast_path else 'dynamic'})"
+            gkd_format = rule.is_tip and not rule.distillation_format
+            first: list | None = [] if ns.generation and gkd_format else None
             for _ in range(warmup):
                 sync(device)
                 start = time.perf_counter()
@@ -643,8 +671,8 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
                 # rollouts agree until the forwards' rounding (other kernels, bf16) flips a near-tie; a broken
                 # decode would disagree from the first tokens.
                 key = (shape, ns.grad_accum, tuple(sorted(rule.config.items(), key=str)))
-                FIRST_ROLLOUTS[(*key, rule.trainer)] = first
-                other = FIRST_ROLLOUTS.get((*key, "tip" if rule.trainer == "tip-fast" else "tip-fast"))
+                FIRST_ROLLOUTS[(*key, result.fast_path)] = first
+                other = FIRST_ROLLOUTS.get((*key, not result.fast_path))
                 if other is not None:
                     result.prefix_match = matching_prefix(first, other)
             if rule.is_tip:
@@ -672,7 +700,7 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
         if trainer is not None:
             trainer.accelerator.free_memory()
         del trainer, timer
-        if rule.trainer == "tip-fast":
+        if rule.is_tip:
             release_compiled(student, teacher)
         gc.collect()
         if device.type == "cuda":

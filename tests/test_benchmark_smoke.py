@@ -54,21 +54,25 @@ def test_memory_speed_tiny_cpu(capsys):
 @pytest.mark.slow
 def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     bench = _load()
-    rules = "gkd,dist,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5"
+    rules = "gkd,dist,entropy_sample:0.5,fast/entropy_sample:0.5,dist/entropy_sample:0.5,distfast/entropy_sample:0.5"
     argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--grad-accum", "2", "--generation"]
     profile = ["--profile", "--profile-rules", "TIP fast entropy_sample 50%", "--profile-dir", str(tmp_path)]
     results = bench.main([*argv, "--rules", rules, *profile, "--json", str(tmp_path / "e2e.json")])
     out = capsys.readouterr().out
-    assert [r.status for r in results] == ["ok"] * 5
-    assert [r.trainer for r in results] == ["gkd", "dist", "tip", "tip-fast", "tip-dist"]
+    assert [r.status for r in results] == ["ok"] * 6
+    assert [r.trainer for r in results] == ["gkd", "dist", "tip", "tip-fast", "tip-dist", "tip-dist-fast"]
+    # On CPU `fast_generation='auto'` takes the default path; the fast rows run the static-cache path (eager backend).
+    assert [r.fast_path for r in results] == [None, None, False, True, False, True]
+    assert results[2].rule == "TIP entropy_sample 50% (auto: dynamic)"
     for r in results:
         assert r.shape == "2x(16+8)" and r.grad_accum == 2
         # 2 micro-batches x 2 sequences x 8 sampled tokens (DistillationTrainer may stop a row at its EOS, id 1).
         assert r.tokens_per_step <= 32 and (r.trainer == "dist" or r.tokens_per_step == 32)
         assert 0 < r.generation_s < r.step_s and r.loss_s > 0 and r.decode_forwards > 0
-    gkd, dist, default, fast, tip_dist = results
+    gkd, dist, default, fast, tip_dist, tip_dist_fast = results
     # GKD generates per micro-batch (2 calls of 8 forwards), the others once per step (8 forwards).
     assert gkd.decode_forwards == 16 and default.decode_forwards == fast.decode_forwards == 8
+    assert tip_dist_fast.decode_forwards == 8 and tip_dist_fast.graphs_warmup >= 1 and tip_dist_fast.graphs_timed == 0
     # The fast path compiles during the warm-up and not again, although prompt lengths vary from step to step.
     assert fast.graphs_warmup >= 1 and fast.graphs_timed == 0
     # Same rows, same noise: on the CPU (float32) the fast path's first rollouts equal the default path's.

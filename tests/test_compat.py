@@ -232,3 +232,86 @@ def test_argparse_actions_are_the_parsers_options():
     by_dest = {a.dest: a for a in actions if a.option_strings}
     assert "--keep_ratio" in by_dest["keep_ratio"].option_strings and by_dest["keep_ratio"].type("none") is None
     assert by_dest["quadrants"].nargs == "+" and by_dest["seq_kd"].const is True
+
+
+def test_gkd_parent_training_step_skips_gkd_generation():
+    """TIPTrainer generates the step's rollouts in `get_batch_samples`; its `training_step` is the one of GKDTrainer's
+    parent, which does not generate."""
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    assert "generate_on_policy_outputs" in inspect.getsource(_compat.GKDTrainer.training_step)
+    assert _compat.GKDTrainer.__mro__[1] is SFTTrainer
+    assert "generate_on_policy_outputs" not in inspect.getsource(SFTTrainer.training_step)
+    assert "super().training_step(*args, **kwargs)" in inspect.getsource(SFTTrainer.training_step)
+
+    calls = []
+
+    class Probe(_compat.GKDTrainer):
+        pass
+
+    probe = object.__new__(Probe)
+    original = SFTTrainer.training_step
+    try:
+        SFTTrainer.training_step = lambda self, model, inputs, n=None: calls.append((self, model, inputs, n)) or 1.0
+        assert _compat.gkd_parent_training_step(probe, "m", {"x": 1}, 3) == 1.0
+    finally:
+        SFTTrainer.training_step = original
+    assert calls == [(probe, "m", {"x": 1}, 3)]
+
+
+def test_load_rng_state_and_prepare_inputs_are_trainer_internals(tmp_path):
+    import random
+
+    import numpy as np
+
+    # GKDTrainer and DistillationTrainer inherit them unchanged (DistillationTrainer's `_prepare_inputs` generates;
+    # trl-tip calls the base one only for GKD batches).
+    assert _compat.GKDTrainer._load_rng_state is Trainer._load_rng_state
+    assert _compat.GKDTrainer._prepare_inputs is Trainer._prepare_inputs
+    assert params(Trainer._prepare_inputs) == ["self", "inputs"]
+    trainer = object.__new__(Trainer)
+    trainer.args = type("Args", (), {"world_size": 1, "process_index": 0, "parallel_mode": None})()
+    saved = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    torch.save(saved, tmp_path / "rng_state.pth")
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    _compat.load_rng_state(trainer, str(tmp_path))
+    again = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
+
+
+def test_distillation_generation_turn_hook():
+    """TIPDistillationTrainer's fast path overrides `_generate_single_turn` and reads these attributes."""
+    trainer = _compat.DistillationTrainer
+    assert params(trainer._generate_single_turn) == [
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "has_tool_images",
+    ]
+    generate = inspect.getsource(trainer._generate)
+    assert "self._generate_single_turn(prompt_ids, images, multimodal_fields)" in generate
+    turn = inspect.getsource(trainer._generate_single_turn)
+    # TRL's transformers path: each row's completion up to and including its first EOS, as a list of ids.
+    assert "sequence_indices <= eos_idx.unsqueeze(1)" in turn and ".tolist()" in turn
+    init = inspect.getsource(trainer.__init__)
+    for attribute in (
+        "self.use_vllm",
+        "self.tools",
+        "self._is_vlm",
+        "self._tokenizer",
+        "self.eos_token_ids",
+        "self.generation_config",
+        "self.generation_kwargs",
+    ):
+        assert attribute in init, attribute
+    # Generation happens once per optimizer step: `_prepare_inputs` buffers every `gradient_accumulation_steps`.
+    assert "_buffered_inputs" in inspect.getsource(trainer._prepare_inputs)
+
+
+def test_transformers_flags_models_it_can_compile():
+    """`fast_generation='auto'` reads `_can_compile_fullgraph` (transformers: static cache + compiled forward)."""
+    from transformers import PreTrainedModel, Qwen2ForCausalLM
+
+    assert PreTrainedModel._can_compile_fullgraph is False
+    assert Qwen2ForCausalLM._can_compile_fullgraph is True

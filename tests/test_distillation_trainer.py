@@ -2,7 +2,8 @@
 
 Checked against TRL's own trainer on the same batches: `all` gives its loss and gradients (also with a tool mask, a
 temperature, a soft-capped or scaled head); the inputs our `_compute_loss` receives are exactly those TRL's receives
-(nothing of ours touches generation); every rule family trains end to end; gradient accumulation and resume behave.
+(on CPU `fast_generation='auto'` leaves generation to TRL); every rule family trains end to end; gradient accumulation
+and resume behave.
 """
 
 import copy
@@ -209,9 +210,10 @@ def test_compute_loss_receives_exactly_what_trl_compute_loss_receives(tmp_path):
         assert torch.equal(torch.as_tensor(ref_n), torch.as_tensor(tip_n))
 
 
-def test_only_the_loss_and_bookkeeping_are_overridden():
-    """Generation (HF and vLLM), tool calling, data loading and `compute_loss` itself stay TRL's
-    (`_generate_and_score_completions` is TRL's, only followed by counting the step's rollouts)."""
+def test_only_the_loss_bookkeeping_and_one_generation_turn_are_overridden():
+    """vLLM generation, tool calling, data loading, buffering and `compute_loss` itself stay TRL's
+    (`_generate_and_score_completions` is TRL's, only followed by counting the step's rollouts); the fast path
+    replaces only TRL's transformers `generate` turn (`_generate_single_turn`, see tests/test_fast_generation.py)."""
     ours = {
         name
         for klass in TIPDistillationTrainer.__mro__
@@ -223,6 +225,7 @@ def test_only_the_loss_and_bookkeeping_are_overridden():
         "__init__",
         "_compute_loss",
         "_generate_and_score_completions",
+        "_generate_single_turn",
         "log",
         "evaluate",
         "train",

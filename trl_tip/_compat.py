@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers import Trainer
 
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
 from transformers.trainer import TRAINER_STATE_NAME
@@ -32,9 +33,10 @@ from trl.models.utils import _ForwardRedirection as ForwardRedirection
 from trl.models.utils import unwrap_model_for_generation
 
 # The mainline on-policy distillation trainer (TRL >= 1.16). `_compute_loss(unwrapped_student, inputs,
-# num_items_in_batch) -> (loss, entropy_sum, num_valid)`, `_get_last_hidden_state` (through `last_hidden_state` below) and
+# num_items_in_batch) -> (loss, entropy_sum, num_valid)`, `_get_last_hidden_state` (through `last_hidden_state` below),
 # `_generate_and_score_completions` (once per optimizer step in training; returns the step's rollouts with
-# `completion_mask`, `tool_mask`) are private: contract-tested.
+# `completion_mask`, `tool_mask`) and `_generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)`
+# (each row's completion ids up to its first EOS; the fast path overrides it) are private: contract-tested.
 from trl.trainer.distillation_config import DistillationConfig
 from trl.trainer.distillation_trainer import DistillationTrainer
 
@@ -80,6 +82,23 @@ def forward_hooks(module: nn.Module) -> dict[int, Callable]:
     return module._forward_hooks
 
 
+def gkd_parent_training_step(trainer, model, inputs, num_items_in_batch):
+    """The `training_step` of `GKDTrainer`'s parent (`SFTTrainer`'s): a step on `inputs` as given, without GKD's
+    on-policy generation (TIPTrainer has generated the whole optimizer step's completions before)."""
+    return super(GKDTrainer, trainer).training_step(model, inputs, num_items_in_batch)
+
+
+def load_rng_state(trainer, checkpoint) -> None:
+    """`Trainer._load_rng_state` (private): restores the Python, NumPy and torch RNG states saved with `checkpoint`."""
+    Trainer._load_rng_state(trainer, checkpoint)
+
+
+def prepare_inputs(trainer, inputs):
+    """`Trainer._prepare_inputs` (private): moves a batch's tensors to the trainer's device (no generation; TRL's
+    `DistillationTrainer` overrides the method to generate, this is the base one)."""
+    return Trainer._prepare_inputs(trainer, inputs)
+
+
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "TRAINER_STATE_NAME",
@@ -95,6 +114,9 @@ __all__ = [
     "get_trackio_space_url",
     "forward_hooks",
     "last_hidden_state",
+    "gkd_parent_training_step",
+    "load_rng_state",
+    "prepare_inputs",
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",

@@ -12,12 +12,13 @@ from functools import cache
 
 from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
 from ._compat import DistillationConfig, GKDConfig
+from .generation import parse_fast_generation
 from .selection import QUADRANTS, parse_quadrants
 from .selection.registry import OPTIONS, RULES, get_rule, option_default
 from .signals import DIVERGENCES
 
 
-__all__ = ["TIPArguments", "TIPConfig", "TIPDistillationConfig"]
+__all__ = ["TIPArguments", "TIPConfig", "TIPDistillationConfig", "TIPGenerationArguments"]
 
 
 @dataclass
@@ -430,11 +431,67 @@ def check_liger_kernel(args) -> None:
         )
 
 
+FAST_GENERATION_HELP = (
+    "'auto' (default), True or False. The fast path generates with a static KV cache and a compiled decode step "
+    "(torch.compile, CUDA graphs): several times faster on a GPU after a one-off compile at the first step. 'auto' "
+    "runs it for a CUDA student transformers can compile that is not quantized, offloaded, FSDP- or ZeRO-3-sharded "
+    "(and, in TIPDistillationTrainer, without vLLM, tools, multimodal inputs or sampling options it does not "
+    "implement), else the default path; one log line says which and why. True refuses where it cannot run."
+)
+
+
 @dataclass
-class TIPConfig(GKDConfig, TIPArguments):
+class TIPGenerationArguments:
+    r"""
+    The on-policy generation options shared by [`TIPConfig`] and [`TIPDistillationConfig`].
+
+    Parameters:
+        > Parameters that control the on-policy generation
+
+        fast_generation (`str` or `bool`, *optional*, defaults to `"auto"`):
+            `"auto"`, `True` or `False` (the strings `"true"` / `"false"` from a command line too). The fast path
+            generates the step's rollouts with trl-tip's step generator: a static KV cache, transformers' compiled
+            decode step (`torch.compile` with CUDA graphs) and a batch-invariant sampler; several times faster on a
+            GPU, after a one-off compilation at the first step (torch's compile caches shorten it in later runs) and
+            whenever a longer prompt bucket needs a longer cache. `"auto"` runs it where it is safe: a CUDA student
+            that transformers can compile with a static cache (`_can_compile_fullgraph`) and that is not quantized,
+            offloaded (`device_map` to CPU/disk), or sharded by FSDP or DeepSpeed ZeRO-3; for
+            `TIPDistillationTrainer` also only with `use_vllm=False`, no tools, a text-only processing class and
+            sampling options it implements (`temperature`, `top_k`, `top_p`, `min_p`, ...; not e.g.
+            `repetition_penalty`). Otherwise the default path runs (TRL's own generation for
+            `TIPDistillationTrainer`); one log line (info) says which path runs and why. `True` raises where `"auto"`
+            would fall back; `False` always takes the default path. A compilation failure at run time falls back
+            to the default path with a warning.
+        generation_pad_to_multiple_of (`int`, *optional*, defaults to `64`):
+            Prompts are left-padded to a multiple of this for generation, so the shapes of the `generate` calls repeat
+            (the fast path compiles once per bucket). The trained sequences keep their own padding.
+    """
+
+    fast_generation: str = field(default="auto", metadata={"help": FAST_GENERATION_HELP})
+    generation_pad_to_multiple_of: int = field(
+        default=64,
+        metadata={"help": "Prompts are left-padded to a multiple of this for generation, so shapes repeat."},
+    )
+
+    def validate_generation_arguments(self) -> None:
+        """Normalises `fast_generation` to `"auto"`, `True` or `False` and checks the bucket size."""
+        self.fast_generation = parse_fast_generation(self.fast_generation)
+        if self.generation_pad_to_multiple_of < 1:
+            raise ValueError(
+                f"generation_pad_to_multiple_of must be a positive integer, got {self.generation_pad_to_multiple_of}."
+            )
+        if self.fast_generation is True and self.use_cpu:
+            raise ValueError(
+                "fast_generation=True needs a CUDA device (torch.compile with CUDA graphs), but use_cpu=True. Use "
+                "fast_generation='auto' (the default path on CPU) or False."
+            )
+
+
+@dataclass
+class TIPConfig(GKDConfig, TIPArguments, TIPGenerationArguments):
     r"""
     Configuration class for [`TIPTrainer`]: every option of TRL's `GKDConfig` plus the token-selection options of
-    [`TIPArguments`] and the on-policy generation options below.
+    [`TIPArguments`], the generation options of [`TIPGenerationArguments`] and the one below.
 
     TIPTrainer generates the completions of all micro-batches of an optimizer step together (GKD: one micro-batch at a
     time), with GKD's semantics per micro-batch (the `lmbda` draw, `seq_kd` teacher rollouts, `temperature`, EOS and
@@ -447,14 +504,6 @@ class TIPConfig(GKDConfig, TIPArguments):
         per_device_generation_batch_size (`int`, *optional*):
             Rows (prompts) per `generate` call on each process. Defaults to all the rows of an optimizer step
             (`per_device_train_batch_size * gradient_accumulation_steps`); lower it to bound the generation memory.
-        generation_pad_to_multiple_of (`int`, *optional*, defaults to `64`):
-            Prompts are left-padded to a multiple of this for generation (computed over the step), so the shapes of
-            the `generate` calls repeat. The trained sequences keep each micro-batch's own padding.
-        fast_generation (`bool`, *optional*, defaults to `False`):
-            Generate with a static KV cache and a compiled decode step (transformers' `torch.compile` with CUDA
-            graphs): several times faster on a GPU, after a one-off compilation (tens of seconds) at the first step
-            and whenever a longer prompt bucket needs a longer cache. CUDA only; refused for quantized (bitsandbytes)
-            or offloaded generating models, FSDP and DeepSpeed ZeRO-3.
     """
 
     per_device_generation_batch_size: int | None = field(
@@ -464,46 +513,30 @@ class TIPConfig(GKDConfig, TIPArguments):
             "(per_device_train_batch_size * gradient_accumulation_steps)."
         },
     )
-    generation_pad_to_multiple_of: int = field(
-        default=64,
-        metadata={"help": "Prompts are left-padded to a multiple of this for generation, so shapes repeat."},
-    )
-    fast_generation: bool = field(
-        default=False,
-        metadata={
-            "help": "Static KV cache and compiled decode step (torch.compile, CUDA graphs) for the on-policy "
-            "generation: much faster on GPU after a one-off compile. CUDA only; not for quantized students."
-        },
-    )
 
     def __post_init__(self):
         check_liger_kernel(self)
         super().__post_init__()
         self.validate_tip_arguments()
+        self.validate_generation_arguments()
         if self.per_device_generation_batch_size is not None and self.per_device_generation_batch_size < 1:
             raise ValueError(
                 "per_device_generation_batch_size must be a positive integer or None (all rows of the step), got "
                 f"{self.per_device_generation_batch_size}."
             )
-        if self.generation_pad_to_multiple_of < 1:
-            raise ValueError(
-                f"generation_pad_to_multiple_of must be a positive integer, got {self.generation_pad_to_multiple_of}."
-            )
-        if self.fast_generation and self.use_cpu:
-            raise ValueError(
-                "fast_generation=True needs a CUDA device (torch.compile with CUDA graphs), but use_cpu=True. Leave "
-                "fast_generation=False on CPU."
-            )
 
 
 @dataclass
-class TIPDistillationConfig(DistillationConfig, TIPArguments):
+class TIPDistillationConfig(DistillationConfig, TIPArguments, TIPGenerationArguments):
     r"""
     Configuration class for [`TIPDistillationTrainer`]: every option of TRL's `DistillationConfig` plus the
-    token-selection options of [`TIPArguments`].
+    token-selection options of [`TIPArguments`] and the generation options of [`TIPGenerationArguments`] (with
+    `use_vllm=False`, the fast path replaces TRL's transformers `generate` call; TRL's buffering per optimizer step,
+    `max_completion_length`, sampling options and `generation_kwargs` still apply).
     """
 
     def __post_init__(self):
         check_liger_kernel(self)
         super().__post_init__()
         self.validate_tip_arguments()
+        self.validate_generation_arguments()

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -53,7 +54,9 @@ __all__ = [
     "Rollout",
     "StepGenerator",
     "fast_generation_problem",
+    "parse_fast_generation",
     "gumbel_from_hash",
+    "is_compile_failure",
     "mix32",
     "rollout_tensors",
     "row_keys",
@@ -224,6 +227,15 @@ def rollout_tensors(
     return Rollout(generated, attention_mask, labels)
 
 
+def parse_fast_generation(value: Any) -> bool | str:
+    """`fast_generation` as `True`, `False` or `"auto"` (also from the strings a command line gives)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
+    raise ValueError(f"fast_generation must be one of 'auto', True or False, got {value!r}.")
+
+
 def fast_generation_problem(model: nn.Module, device: torch.device) -> str | None:
     """Why the fast path (static cache + compiled decode step) cannot run `model` safely here, or `None`.
 
@@ -245,6 +257,35 @@ def fast_generation_problem(model: nn.Module, device: torch.device) -> str | Non
         if device_map and ({"cpu", "disk"} & {str(d) for d in device_map.values()}):
             return "the model is offloaded to CPU or disk (device_map), which transformers does not compile"
     return None
+
+
+# Where torch.compile's failures come from: dynamo (tracing, guards, `BackendCompilerFailed`), inductor (code
+# generation, CUDA graphs) and Triton (kernel compilation).
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "triton")
+COMPILER_PATHS = ("/torch/_dynamo/", "/torch/_inductor/", "/triton/")
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) comes from torch.compile's stack rather than the model.
+
+    Out-of-memory errors are never counted (falling back would hide them). An error raised inside compiled code also
+    passes through dynamo's frames; retrying it on the default path then raises it again, unmasked.
+    """
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.OutOfMemoryError):
+            return False
+        if type(current).__module__.startswith(COMPILER_MODULES):
+            return True
+        tb = current.__traceback__
+        while tb is not None:
+            if any(part in tb.tb_frame.f_code.co_filename.replace("\\", "/") for part in COMPILER_PATHS):
+                return True
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _hook_names(hooks) -> list[str]:
@@ -336,6 +377,7 @@ class StepGenerator:
             self._noise_fn = torch.compile(_add_gumbel, backend=compile_config.backend, dynamic=False, fullgraph=True)
         self.num_calls = 0
         self.num_cache_builds = 0
+        self.num_compile_failures = 0
         self.decode_steps = 0
 
     # ------------------------------------------------------------------ configs
@@ -400,7 +442,6 @@ class StepGenerator:
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
     def generate(
         self,
         model: nn.Module,
@@ -420,7 +461,34 @@ class StepGenerator:
         Returns:
             One [`Rollout`] per micro-batch, equal to what GKD's `generate_on_policy_outputs` returns for that
             micro-batch alone with these samples.
+
+        A compilation failure of the fast path (dynamo, inductor, Triton) is not fatal: it is logged as a warning and
+        this generator continues without the static cache and the compilation (the samples are the same).
         """
+        try:
+            return self._generate(model, prompts, prompt_masks, row_ids, step)
+        except Exception as exc:
+            if self.compile_config is None or not is_compile_failure(exc):
+                raise
+            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            logger.warning(
+                f"The compiled decode step failed ({type(exc).__name__}: {first_line}); generating without the "
+                "static KV cache and the compilation from now on (the default path, same samples, slower)."
+            )
+            self.static_cache, self.compile_config, self._noise_fn = False, None, None
+            self._caches.clear()
+            self.num_compile_failures += 1
+            return self._generate(model, prompts, prompt_masks, row_ids, step)
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        model: nn.Module,
+        prompts: Sequence[torch.Tensor],
+        prompt_masks: Sequence[torch.Tensor],
+        row_ids: Sequence[torch.Tensor],
+        step: int,
+    ) -> list[Rollout]:
         if not prompts:
             return []
         device = prompts[0].device

@@ -14,6 +14,7 @@ from ..config import TIPDistillationConfig
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin, default_config
 from .data_checks import check_not_empty, warn_short_dataset
+from .rollouts import DistillationFastGeneration
 
 
 __all__ = ["TIPDistillationTrainer"]
@@ -31,13 +32,15 @@ MULTIMODAL_KEYS = (
 )
 
 
-class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
+class TIPDistillationTrainer(DistillationFastGeneration, TIPTrainerMixin, DistillationTrainer):
     """TRL's `DistillationTrainer` with token selection: swap two imports, keep everything else.
 
-    Only the loss computation (`_compute_loss`) is overridden, so TRL's generation (transformers or vLLM, buffered
-    once per optimizer step), tool calling, multimodal inputs and its FSDP2 / DeepSpeed handling stay TRL's. The
-    override runs TRL's own `_get_last_hidden_state` for student and teacher, then the [`TokenSelectionEngine`]:
-    signals, selection, the generalized JSD on the kept tokens only, Q1–Q4 statistics (`tip/...` in the logs).
+    The loss computation (`_compute_loss`) is overridden: it runs TRL's own `_get_last_hidden_state` for student and
+    teacher, then the [`TokenSelectionEngine`]: signals, selection, the generalized JSD on the kept tokens only, Q1–Q4
+    statistics (`tip/...` in the logs). Generation stays TRL's (buffered once per optimizer step; vLLM, tool calling,
+    multimodal inputs, FSDP2 / DeepSpeed handling), except that with `use_vllm=False` the fast path
+    (`fast_generation`, on by default where it is safe, see [`DistillationFastGeneration`]) samples the step's
+    completions in place of TRL's transformers `generate` call.
 
     It honours what TRL's loss honours: `tool_mask` (tool-output tokens are never eligible), the `lm_head` bias,
     logit scale and final soft-capping, the temperature (the loss is taken at `args.temperature`, as TRL's; the
@@ -99,6 +102,7 @@ class TIPDistillationTrainer(TIPTrainerMixin, DistillationTrainer):
             raise ValueError("TIPDistillationTrainer needs a teacher: pass teacher_model.")
         warn_short_dataset(train_dataset, args)
         self._init_tip(args, selector, beta=self.beta, temperature=self.temperature)
+        self._init_generation(args)
 
     # ------------------------------------------------------------------ forward passes and loss
 

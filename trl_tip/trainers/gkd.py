@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,6 @@ from transformers.utils import logging
 from .._compat import GKDTrainer
 from .._quiet import quiet_logger
 from ..config import TIPConfig
-from ..generation import StepGenerator, fast_generation_problem, unwrap_for_generation
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
 from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student, default_config
@@ -25,6 +23,7 @@ from .data_checks import (
     warn_long_conversations,
     warn_short_dataset,
 )
+from .rollouts import GKDStepGeneration
 
 
 __all__ = ["TIPTrainer"]
@@ -35,7 +34,7 @@ logger = logging.get_logger(__name__)
 GKD_MIGRATION_HINT = "is fully covered by `DistillationTrainer`"
 
 
-class TIPTrainer(TIPTrainerMixin, GKDTrainer):
+class TIPTrainer(GKDStepGeneration, TIPTrainerMixin, GKDTrainer):
     """GKD trainer that computes the distillation loss only on selected completion tokens.
 
     A drop-in replacement for TRL's `GKDTrainer`: generation (`lmbda`, `seq_kd`), the generalized JSD (`beta`) and
@@ -48,7 +47,8 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
     5. computes the generalized JSD on the kept tokens only, from hidden states, in chunks,
     6. accumulates Q1–Q4 statistics that are logged as `tip/...` metrics at each logging step.
 
-    Steps 2–6 are the trainer-agnostic [`TokenSelectionEngine`]; this class adds GKD's generation and the forwards.
+    Steps 2–6 are the trainer-agnostic [`TokenSelectionEngine`]; this class adds the forwards, and
+    [`GKDStepGeneration`] GKD's generation, once per optimizer step (fast by default on a GPU: `fast_generation`).
 
     Every micro-batch of an optimizer step divides its kept-token loss sum by one denominator fixed before any
     forward: the tokens the rule plans to keep of the step's rollouts over all processes (its budget; every eligible
@@ -152,132 +152,7 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
             )
         check_peft_student(self.model)
         self._init_tip(args, selector, beta=self.beta, temperature=1.0)
-        self._tip_rng_pending: str | None = None
-        self._tip_rng_restored: str | None = None
-        self.tip_generator = self._build_generator(args)
-
-    # ------------------------------------------------------------------ generation & token counts
-
-    def _build_generator(self, args: TIPConfig) -> StepGenerator:
-        """The step-level generator: GKD's sampling settings, batched per optimizer step, optionally compiled."""
-        compile_config = None
-        if args.fast_generation:
-            from transformers.generation import CompileConfig
-
-            self._check_fast_generation(args)
-            # transformers' defaults (CUDA graphs via "reduce-overhead"), with shapes specialised: the cache length
-            # and rows per call are fixed, so the decode step compiles once.
-            compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
-        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        return StepGenerator(
-            self.generation_config,
-            seed=args.seed,
-            process_index=self.accelerator.process_index,
-            batch_size=args.per_device_generation_batch_size or rows_per_step,
-            pad_to_multiple_of=args.generation_pad_to_multiple_of,
-            static_cache=args.fast_generation,
-            compile_config=compile_config,
-        )
-
-    def _check_fast_generation(self, args: TIPConfig) -> None:
-        """Refuses `fast_generation` where the compiled static-cache decode cannot run safely."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "fast_generation=True is not supported with FSDP or DeepSpeed ZeRO-3: the weights gathered for each "
-                "generation are new tensors, which the CUDA graphs of the compiled decode step cannot reuse. Leave "
-                "fast_generation=False."
-            )
-        models = [("student", self.model)]
-        if args.seq_kd and args.lmbda < 1.0:
-            models.append(("teacher (seq_kd rollouts)", self.teacher_model))
-        for name, model in models:
-            problem = fast_generation_problem(self.accelerator.unwrap_model(model), self.accelerator.device)
-            if problem:
-                raise ValueError(
-                    f"fast_generation=True cannot be used here: the {name}: {problem}. Leave fast_generation=False."
-                )
-
-    def _generate_on_policy(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """GKD's generation for the micro-batches of one optimizer step, in as few `generate` calls as allowed.
-
-        Per micro-batch, in order, as GKD: with probability `lmbda` the student generates its completions, else the
-        teacher if `seq_kd`, else the dataset's completions are kept. The student's rows (and the teacher's) of all
-        micro-batches are generated together; each row's sample depends only on the seed, the step, its index within
-        the step and the position, so the result is the one micro-batch-at-a-time generation would give.
-        """
-        batches = [self._prepare_inputs(batch) for batch in batches]
-        draws = [random.random() <= self.lmbda for _ in batches]
-        row_ids, offset = [], 0
-        for batch in batches:
-            rows = batch["prompts"].size(0)
-            row_ids.append(torch.arange(offset, offset + rows))
-            offset += rows
-        student = [i for i, draw in enumerate(draws) if draw]
-        teacher = [i for i, draw in enumerate(draws) if not draw and self.seq_kd]
-        groups = (
-            (student, self.model_wrapped, {"gradient_checkpointing_kwargs": self.args.gradient_checkpointing_kwargs}),
-            (teacher, self.teacher_model, {}),
-        )
-        for indices, model, kwargs in groups:
-            if not indices:
-                continue
-            with unwrap_for_generation(
-                model, self.accelerator, generation_kwargs=self.generation_kwargs, **kwargs
-            ) as unwrapped_model:
-                # The student samples in training mode, as GKD's does from its second micro-batch on (`Trainer` sets
-                # it in `training_step`), also at the first step and after an evaluation: one mode, one compiled graph.
-                was_training = unwrapped_model.training
-                if model is self.model_wrapped:
-                    unwrapped_model.train()
-                try:
-                    rollouts = self.tip_generator.generate(
-                        unwrapped_model,
-                        prompts=[batches[i]["prompts"] for i in indices],
-                        prompt_masks=[batches[i]["prompt_attention_mask"] for i in indices],
-                        row_ids=[row_ids[i] for i in indices],
-                        step=self.state.global_step,
-                    )
-                finally:
-                    unwrapped_model.train(was_training)
-            for i, rollout in zip(indices, rollouts, strict=True):
-                batches[i]["input_ids"] = rollout.input_ids
-                batches[i]["attention_mask"] = rollout.attention_mask
-                batches[i]["labels"] = rollout.labels
-        return batches
-
-    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """Fetches the micro-batches of one optimizer step, generates their completions, and counts their tokens.
-
-        GKD generates inside `training_step`, after `Trainer` has counted the dataset's labels; here generation comes
-        first (for all micro-batches together, see [`_generate_on_policy`]), so the count that normalises the loss
-        is the number of completion tokens actually trained on, summed over the micro-batches of the step and over
-        processes.
-        """
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        if self._tip_rng_pending is not None:
-            # Resuming mid-epoch, `Trainer` restores the RNG only after this method returns (the skipped batches
-            # must not shift the shuffle); generation happens here, so restore it now and skip the later reload.
-            super()._load_rng_state(self._tip_rng_pending)
-            self._tip_rng_restored, self._tip_rng_pending = self._tip_rng_pending, None
-        if batch_samples:
-            batch_samples = self._generate_on_policy(batch_samples)
-        # The rollouts of the step over all processes: their count is `num_items_in_batch`, and they fix the one
-        # loss denominator of every micro-batch of the step.
-        count = self._tip_count_step([batch["labels"][:, 1:] != -100 for batch in batch_samples])
-        return batch_samples, count
-
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
-    ) -> torch.Tensor:
-        """A `Trainer` training step; the on-policy generation already happened in [`get_batch_samples`]."""
-        return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
+        self._init_generation(args)
 
     # ------------------------------------------------------------------ forward passes and loss
 
@@ -339,18 +214,3 @@ class TIPTrainer(TIPTrainerMixin, GKDTrainer):
             base_count = num_items_in_batch / self.accelerator.num_processes
         loss, _ = self._tip_loss(unwrapped, self.teacher_model, view, training=training, base_count=base_count)
         return loss
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _load_rng_state(self, checkpoint):
-        """Restores the RNG of a checkpoint once: before the first on-policy generation of a resumed run."""
-        if checkpoint is not None and checkpoint == self._tip_rng_restored:
-            self._tip_rng_restored = None  # already restored in `get_batch_samples`, before generating
-            return
-        self._tip_rng_pending = None
-        super()._load_rng_state(checkpoint)
-
-    def _load_tip_state(self, checkpoint: str) -> None:
-        super()._load_tip_state(checkpoint)
-        # The first step of the resumed run generates in `get_batch_samples`, before `Trainer` restores the RNG.
-        self._tip_rng_pending = checkpoint
