@@ -78,7 +78,12 @@ def _models(tokenizer, ns):
     return build(1, ns.student_width, ns.layers), build(2, ns.teacher_width, ns.layers)
 
 
-def _trainer(kind: str, rule: dict, output_dir: str, ns, steps: int, save: bool):
+def _world_size() -> int:
+    """The number of processes of this launch (`WORLD_SIZE`, set by torchrun/accelerate), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _trainer(kind: str, rule: dict, output_dir: str, ns, steps: int, save: bool, **options):
     from datasets import Dataset
 
     from trl_tip import TIPConfig, TIPDistillationConfig, TIPDistillationTrainer, TIPTrainer
@@ -88,9 +93,9 @@ def _trainer(kind: str, rule: dict, output_dir: str, ns, steps: int, save: bool)
     student, teacher = _models(tokenizer, ns)
     common = dict(
         output_dir=output_dir, use_cpu=ns.cpu, bf16=not ns.cpu, seed=0, max_steps=steps,
-        per_device_train_batch_size=NUM_ROWS // 2 if not ns.reference else NUM_ROWS, learning_rate=0.0,
+        per_device_train_batch_size=NUM_ROWS // _world_size(), learning_rate=0.0,
         optim="adamw_torch", logging_steps=1, report_to="none", disable_tqdm=True, gradient_checkpointing=False,
-        save_strategy="steps" if save else "no", save_steps=2, save_only_model=False, **rule,
+        save_strategy="steps" if save else "no", save_steps=2, save_only_model=False, **rule, **options,
     )  # fmt: skip
     rows = arithmetic_dataset(64, seed=7, max_operand=999)
     if kind == "gkd":
@@ -105,20 +110,26 @@ def _trainer(kind: str, rule: dict, output_dir: str, ns, steps: int, save: bool)
     )
 
 
-def _fixed_batch(kind: str, trainer, vocab: int):
-    """The same fixed batch for every world size: dataset answers (GKD) or random completions (Distillation)."""
-    if kind == "gkd":
-        from trl_tip.toy import arithmetic_dataset
-
-        rows = arithmetic_dataset(NUM_ROWS, seed=3, max_operand=999)
-        return trainer.data_collator([rows[i] for i in range(NUM_ROWS)])
+def _fixed_batch(kind: str, vocab: int) -> dict[str, torch.Tensor]:
+    """The same fixed batch for every world size: random prompts (one left-padded) and 24-token completions (one
+    ending early), long enough that the rollout budget of `q3_score` 10% keeps tokens in every row (`floor(0.1 n)`)."""
     g = torch.Generator().manual_seed(5)
-    completion_ids = torch.randint(4, min(vocab, 100), (NUM_ROWS, 12), generator=g)
+    completion_ids = torch.randint(4, min(vocab, 100), (NUM_ROWS, 24), generator=g)
     completion_mask = torch.ones_like(completion_ids)
-    completion_mask[1, 6:] = 0
+    completion_mask[1, 14:] = 0
     prompt_ids = torch.randint(4, min(vocab, 100), (NUM_ROWS, 6), generator=g)
     prompt_mask = torch.ones_like(prompt_ids)
     prompt_mask[2, :2] = 0
+    if kind == "gkd":  # GKD's collated form: labels -100 outside the completions
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        labels = torch.cat(
+            [torch.full_like(prompt_ids, -100), completion_ids.masked_fill(completion_mask == 0, -100)], 1
+        )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
+            "labels": labels,
+        }
     return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
@@ -151,15 +162,12 @@ def _grad_norm(trainer) -> float:
             continue
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         total += float(grad.double().pow(2).sum())
-    norm = math.sqrt(total)
-    if not trainer.is_fsdp_enabled and dist.is_initialized() and not trainer.is_deepspeed_enabled:
-        return norm  # DDP: every rank holds the averaged full gradient
-    return norm
+    return math.sqrt(total)  # DDP: every rank holds the averaged full gradient
 
 
 def _fixed_batch_loss_and_grad(kind: str, trainer, ns) -> tuple[float, float]:
     acc = trainer.accelerator
-    batch = _fixed_batch(kind, trainer, ns.vocab)
+    batch = _fixed_batch(kind, ns.vocab)
     count = (batch["labels"][:, 1:] != -100).sum() if kind == "gkd" else batch["completion_mask"].sum()
     rows = _rows(acc.process_index, acc.num_processes) if not ns.reference else slice(0, NUM_ROWS)
     local = {k: v[rows].to(acc.device) for k, v in batch.items()}
@@ -172,11 +180,29 @@ def _fixed_batch_loss_and_grad(kind: str, trainer, ns) -> tuple[float, float]:
         else:
             local["num_items_in_batch"] = count.to(acc.device)
             loss = trainer.compute_loss(model, local)
-    acc.backward(loss)
+    if trainer.is_deepspeed_enabled:
+        # The engine's backward only: accelerate's would also run `engine.step()`, which zeroes the gradients that
+        # `safe_get_full_grad` reads ("only available immediately after backward and before engine step").
+        model.backward(loss)
+    else:
+        acc.backward(loss)
     value = loss.detach().double().reshape(1)
     if acc.num_processes > 1:
         value = acc.reduce(value, reduction="mean")
     return float(value), _grad_norm(trainer)
+
+
+def _engine(trainer) -> str:
+    """What actually wrapped the student: DeepSpeed's ZeRO stage, FSDP2 (`fully_shard`), DDP or a plain module."""
+    model = trainer.model_wrapped
+    if trainer.is_deepspeed_enabled:
+        return f"DeepSpeed ZeRO-{model.zero_optimization_stage()}"
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(trainer.model, FSDPModule):
+        sharded = sum(isinstance(m, FSDPModule) for m in trainer.model.modules())
+        return f"FSDP2 ({sharded} fully_shard groups)"
+    return type(model).__name__
 
 
 def _tip_logs(trainer) -> list[dict]:
@@ -207,7 +233,7 @@ def run_rule(kind: str, spec: str, ns) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and not ns.cpu else float("nan")
     logs = _tip_logs(trainer)
     loss, grad = _fixed_batch_loss_and_grad(kind, trainer, ns)
-    result = {"logs": logs, "loss": loss, "grad_norm": grad, "peak_gib": peak}
+    result = {"logs": logs, "loss": loss, "grad_norm": grad, "peak_gib": peak, "engine": _engine(trainer)}
     if ns.resume and not ns.reference:
         checkpoint = os.path.join(out_dir, "checkpoint-2")
         saved = torch.load(
@@ -251,56 +277,70 @@ def _gather_objects(obj) -> list:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trainer", default="gkd", choices=["gkd", "distillation"])
-    parser.add_argument("--rules", default="all,tip:0.5,q3_score:0.1")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--label", default="ddp", help="name of the launch config, for the table and files")
-    parser.add_argument("--reference", action="store_true", help="one process: write the reference JSON")
-    parser.add_argument("--resume", action="store_true", help="also check checkpoint save + resume")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--student-width", type=int, default=512)
-    parser.add_argument("--teacher-width", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU (gloo): a smoke test of the logic")
-    parser.add_argument("--keep", action="store_true", help="keep the run folders")
-    ns = parser.parse_args()
-    if ns.cpu:
-        ns.vocab, ns.student_width, ns.teacher_width, ns.layers, ns.new_tokens = 128, 32, 48, 2, 6
-    os.makedirs(ns.out, exist_ok=True)
-    results, errors = {}, {}
-    for spec in ns.rules.split(","):
-        try:
-            results[spec] = run_rule(ns.trainer, spec, ns)
-        except Exception as exc:  # one failing rule must not hide the others' results
-            errors[spec] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-    ref_path = os.path.join(ns.out, f"reference_{ns.trainer}.json")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if ns.reference:
-        if rank == 0:
-            with open(ref_path, "w") as f:
-                json.dump({spec: {k: r[k] for k in ("loss", "grad_norm")} for spec, r in results.items()}, f)
-            print(f"reference written to {ref_path}: {json.dumps(results, default=str)[:2000]}")
-        return 0 if not errors else 1
+FAST_GENERATION_REFUSAL = "fast_generation=True is not supported with FSDP or DeepSpeed ZeRO-3"
+
+
+def _sharded_weights() -> bool:
+    """Whether this launch shards the weights (FSDP, DeepSpeed ZeRO-3), read from what `accelerate launch` set."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
+def check_fast_generation(ns) -> tuple[bool, str]:
+    """`TIPTrainer` with `fast_generation=True` under this launch: docs/generation.md says it is refused with a
+    ValueError under FSDP and DeepSpeed ZeRO-3 (no silent fallback), and accepted elsewhere on CUDA; with
+    `--fast-generation-steps N` an accepted trainer also trains N steps (compiled decode) to finite losses."""
+    expected = "refused" if _sharded_weights() else "accepted"
+    out_dir = os.path.join(ns.out, f"{ns.label}_fast_generation")
+    try:
+        trainer = _trainer(
+            "gkd", {"token_selection": "all"}, out_dir, ns, max(ns.fast_generation_steps, 1), save=False,
+            fast_generation=True,
+        )  # fmt: skip
+    except ValueError as exc:
+        if FAST_GENERATION_REFUSAL in str(exc):
+            return expected == "refused", f"refused (ValueError: {str(exc)[:120]}...), expected {expected}"
+        return False, f"ValueError other than the documented refusal: {exc}"
+    if expected == "refused":
+        return False, "accepted, but docs/generation.md says FSDP and ZeRO-3 refuse it"
+    text = "accepted, as documented"
+    if ns.fast_generation_steps:
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        ok = len(losses) == ns.fast_generation_steps and all(math.isfinite(x) for x in losses)
+        text += f"; trained {len(losses)} compiled-generation steps, losses {[round(x, 6) for x in losses]}"
+        if not ok:
+            return False, text
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return True, text
+
+
+TABLE_HEADER = (
+    "| config | processes | trainer | rule | training | fixed-batch loss vs 1 process | gradient norm vs 1 process | "
+    "peak GiB per GPU | resume | result |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _rows_for(kind: str, results: dict, errors: dict, ns, world: int) -> tuple[list[str], bool]:
+    """The table rows of one trainer (rank 0's view; every rank must call it: it gathers)."""
+    ref_path = os.path.join(ns.out, f"reference_{kind}.json")
     reference = json.load(open(ref_path)) if os.path.isfile(ref_path) else {}
     everyone = _gather_objects({spec: r["logs"] for spec, r in results.items()})
     peaks = _gather_objects({spec: r["peak_gib"] for spec, r in results.items()})
-    ok = not errors
-    rows = []
+    ok, rows = not errors, []
     for spec in ns.rules.split(","):
         if spec in errors:
-            rows.append(f"| {ns.label} | {ns.trainer} | {spec} | ERROR: {errors[spec][:150]} | FAIL |")
+            rows.append(f"| {ns.label} | {world} | {kind} | {spec} | ERROR: {errors[spec][:150]} | | | | | FAIL |")
             continue
         r = results[spec]
         ranks_equal = all(e.get(spec) == r["logs"] for e in everyone)
         finite = all(math.isfinite(log["loss"]) for log in r["logs"]) and len(r["logs"]) == ns.steps
         ref = reference.get(spec)
         loss_ok = ref is not None and _close(r["loss"], ref["loss"], LOSS_RTOL)
-        grad_ok = ref is not None and _close(r["grad_norm"], ref["grad_norm"], GRAD_RTOL)
+        # A zero gradient (no kept token in the fixed batch) would make the comparison vacuous.
+        grad_ok = ref is not None and r["grad_norm"] > 0 and _close(r["grad_norm"], ref["grad_norm"], GRAD_RTOL)
         resume = r.get("resume")
         resume_ok = resume is None or (
             resume["state_restored"] and resume["step_logs_equal"] and resume["steps"] == ns.steps
@@ -314,17 +354,98 @@ def main() -> int:
             f"state={resume['state_restored']}, step-{ns.steps} logs equal={resume['step_logs_equal']}"
         )  # fmt: skip
         rows.append(
-            f"| {ns.label} | {ns.trainer} | {spec} | {ns.steps} steps finite={finite}, tip/* equal on ranks="
+            f"| {ns.label} | {world} | {kind} | {spec} | {r['engine']}: {ns.steps} steps finite={finite}, tip/* equal on ranks="
             f"{ranks_equal} | loss {r['loss']:.6f} vs {ref_loss} | grad norm {r['grad_norm']:.4f} vs {ref_grad} | "
             f"{peak} | {resume_text} | {'PASS' if passed else 'FAIL'} |"
         )
+    return rows, ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trainer", default="gkd", help="gkd, distillation, or both comma-separated")
+    parser.add_argument("--rules", default="all,tip:0.5,q3_score:0.1")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--label", default="ddp", help="name of the launch config, for the table and files")
+    parser.add_argument("--reference", action="store_true", help="one process: write the reference JSON")
+    parser.add_argument("--resume", action="store_true", help="also check checkpoint save + resume")
+    parser.add_argument(
+        "--fast-generation", action="store_true",
+        help="also check that TIPTrainer's fast_generation=True is refused (FSDP, ZeRO-3) or accepted as documented",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fast-generation-steps", type=int, default=0, help="train this many steps where fast_generation is accepted"
+    )
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--student-width", type=int, default=512)
+    parser.add_argument("--teacher-width", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (gloo): a smoke test of the logic")
+    parser.add_argument("--keep", action="store_true", help="keep the run folders")
+    ns = parser.parse_args()
+    kinds = ns.trainer.split(",")
+    unknown = sorted(set(kinds) - {"gkd", "distillation"})
+    if unknown:
+        parser.error(f"--trainer: unknown trainer(s) {unknown}; allowed: gkd, distillation (comma-separated)")
+    world = _world_size()
+    if ns.reference and world != 1:
+        parser.error("--reference runs in one process; launch it with python, not torchrun/accelerate")
+    if NUM_ROWS % world:
+        parser.error(f"the check splits {NUM_ROWS} rows evenly over the processes: use 1, 2, 4 or 8, not {world}")
+    if ns.cpu and ns.fast_generation:
+        parser.error("--fast-generation needs CUDA (fast_generation=True is refused with use_cpu=True)")
+    if ns.cpu:
+        ns.vocab, ns.student_width, ns.teacher_width, ns.layers, ns.new_tokens = 128, 32, 48, 2, 6
+    os.makedirs(ns.out, exist_ok=True)
+    all_results, all_errors = {}, {}
+    for kind in kinds:
+        results, errors = {}, {}
+        for spec in ns.rules.split(","):
+            try:
+                results[spec] = run_rule(kind, spec, ns)
+            except Exception as exc:  # one failing rule must not hide the others' results
+                errors[spec] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+        all_results[kind], all_errors[kind] = results, errors
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if ns.reference:
+        for kind in kinds:
+            with open(os.path.join(ns.out, f"reference_{kind}.json"), "w") as f:
+                json.dump(
+                    {
+                        spec: {k: r[k] for k in ("loss", "grad_norm", "logs", "peak_gib")}
+                        for spec, r in all_results[kind].items()
+                    },
+                    f,
+                )
+            print(f"reference {kind}: {json.dumps(all_results[kind], default=str)[:2000]}")
+        return 0 if not any(all_errors.values()) else 1
+    ok, rows = True, []
+    for kind in kinds:
+        kind_rows, kind_ok = _rows_for(kind, all_results[kind], all_errors[kind], ns, world)
+        rows += kind_rows
+        ok &= kind_ok
+    if rank == 0:  # printed now: a fast_generation check that hangs must not hide them
+        print("\n" + TABLE_HEADER + "\n" + "\n".join(rows), flush=True)
+    fast = None
+    if ns.fast_generation:
+        try:
+            fast = check_fast_generation(ns)
+        except Exception as exc:
+            traceback.print_exc()
+            fast = (False, f"{type(exc).__name__}: {exc}")
+        ok &= fast[0]
+        rows.append(
+            f"| {ns.label} | {world} | gkd | fast_generation=True | {fast[1]} | | | | | {'PASS' if fast[0] else 'FAIL'} |"
+        )
+        if rank == 0:
+            print(rows[-1], flush=True)
     if rank == 0:
-        print("\n| config | trainer | rule | training | fixed-batch loss vs 1 process | gradient norm vs 1 process | "
-              "peak GiB per GPU | resume | result |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(rows))
-        with open(os.path.join(ns.out, f"result_{ns.label}_{ns.trainer}.json"), "w") as f:
-            json.dump({"rows": rows, "results": results, "errors": errors}, f, default=str)
+        with open(os.path.join(ns.out, f"result_{ns.label}.json"), "w") as f:
+            payload = {"processes": world, "rows": rows, "results": all_results, "errors": all_errors}
+            json.dump({**payload, "fast_generation": fast}, f, default=str)
         print(f"MULTIGPU CHECK {ns.label} {ns.trainer}", "PASSED" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 
