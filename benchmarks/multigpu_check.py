@@ -277,7 +277,7 @@ def _gather_objects(obj) -> list:
     return out
 
 
-FAST_GENERATION_REFUSAL = "fast_generation=True is not supported with FSDP or DeepSpeed ZeRO-3"
+FAST_GENERATION_REFUSAL = "fast_generation=True cannot be used here: the student is sharded by"
 
 
 def _sharded_weights() -> bool:
