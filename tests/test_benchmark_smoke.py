@@ -79,7 +79,7 @@ def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     assert fast.prefix_match == 8 and "share on average 8.0 of 8 leading tokens" in out
     assert all(math.isnan(r.prefix_match) for r in (gkd, dist, default, tip_dist))
     # Only the profiled row has a profile: its phases, generation included, and the step they add up to.
-    assert [bool(r.profile_s) for r in results] == [False, False, False, True, False]
+    assert [bool(r.profile_s) for r in results] == [False, False, False, True, False, False]
     assert fast.profile_s["generation"] > 0 and fast.profile_s["step"] > 0
     assert math.isclose(
         sum(v for k, v in fast.profile_s.items() if k not in ("step", "selection")), fast.profile_s["step"]
