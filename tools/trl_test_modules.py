@@ -10,7 +10,7 @@ pytest on a copy of the module in a work directory. TRL's test code is never cop
 path of a TRL checkout's test file.
 
     python tools/trl_test_modules.py /path/to/trl/tests/test_distillation_trainer.py
-    python tools/trl_test_modules.py /path/to/trl/tests/experimental/test_gkd_trainer.py --trainer gkd
+    python tools/trl_test_modules.py /path/to/trl/tests/experimental/test_gkd_trainer.py
     python tools/trl_test_modules.py FILE --baseline        # TRL's own trainer on the same stand-ins
     python tools/trl_test_modules.py FILE -- -k train -x    # arguments after `--` go to pytest
 
