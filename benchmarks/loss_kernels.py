@@ -29,8 +29,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from trl_tip._compat import ChunkedDivergenceFunction  # noqa: E402
-from trl_tip.loss import OutputHead, kept_token_jsd  # noqa: E402
-from trl_tip.signals import compute_token_signals  # noqa: E402
+from trl_tip.loss import (  # noqa: E402
+    OutputHead,
+    compute_token_signals,  # noqa: E402
+    kept_token_jsd,
+)
 
 
 def _sync(device):

@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 
 from trl_tip.fused import chunk_signals, jsd_and_grad
-from trl_tip.loss import OutputHead, kept_token_jsd, token_jsd_with_signals
+from trl_tip.loss import OutputHead, SignalPlan, chunked_pass, compute_token_signals, kept_token_jsd
 from trl_tip.signals import (
-    compute_token_signals,
     divergence_from_logits,
     generalized_jsd,
     normalized_entropy,
@@ -39,7 +38,7 @@ def test_chunk_signals_match_reference(divergence, beta):
     s, t = _logits(n=6, v=13, seed=3)
     targets = torch.tensor([0, 5, 12, 3, 3, 7])
     entropy, tent, div, loss, slp, tlp, ok, grad, extras = chunk_signals(
-        s, t, targets, beta, divergence, with_grad=True, extra=("jsd", "reverse_kl", "forward_kl")
+        s, t, targets, beta, divergence, with_grad=True, divergences=("jsd", "reverse_kl", "forward_kl")
     )
     assert ok.all()
     close = dict(rtol=1e-5, atol=1e-6)
@@ -132,7 +131,7 @@ def test_kept_token_jsd_grads_match_autograd(softcap, scale, bias, beta, tempera
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-def test_token_jsd_with_signals_equals_two_pass_path():
+def test_one_pass_signals_and_loss_equal_the_two_pass_path():
     head, teacher_head = _heads()
     torch.manual_seed(2)
     hidden = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
@@ -140,7 +139,8 @@ def test_token_jsd_with_signals_equals_two_pass_path():
     teacher_hidden[4, 0] = float("inf")  # a non-finite teacher row: dropped from loss and signals
     targets = torch.randint(0, 17, (9,))
     idx = torch.arange(9)
-    loss, values = token_jsd_with_signals(hidden, teacher_hidden, head, teacher_head, targets, 0.5, "jsd", 4)
+    plan = SignalPlan("jsd")
+    loss, values = chunked_pass(hidden, teacher_hidden, head, teacher_head, targets, torch.ones(9), plan, chunk_size=4)
     ref = compute_token_signals(
         hidden.detach(), teacher_hidden, targets, head, teacher_head, idx, idx, divergence="jsd", chunk_size=4
     )

@@ -117,13 +117,14 @@ def test_tip_lowest_keeps_the_complement_of_tip(tmp_path, student, teacher, toke
 
 def test_q3_score_reads_the_forward_kl_from_the_same_pass(tmp_path, student, teacher, tokenizer, dataset, monkeypatch):
     calls = []
-    original = engine_module.compute_token_signals
+    original = engine_module.chunked_pass
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("extra"))
+        plan = kwargs["signals"] if "signals" in kwargs else (args[6] if len(args) > 6 else None)
+        calls.append(None if plan is None else plan.divergences)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "compute_token_signals", counting)
+    monkeypatch.setattr(engine_module, "chunked_pass", counting)
     trainer, records, logs = train(
         tmp_path,
         student,
@@ -135,9 +136,9 @@ def test_q3_score_reads_the_forward_kl_from_the_same_pass(tmp_path, student, tea
         divergence="forward_kl",
         max_steps=2,
     )
-    assert trainer.tip_engine.logit_signals == ("forward_kl",)
-    # One chunked signals pass per micro-batch, which also returns the forward KL.
-    assert calls == [("forward_kl",), ("forward_kl",)]
+    assert trainer.tip_engine.signal_plan.divergences == ("forward_kl",)
+    # Per micro-batch one chunked signals pass, which also returns the forward KL, then the loss on the kept tokens.
+    assert calls == [("forward_kl",), None, ("forward_kl",), None]
     for record in records:
         # Here the D axis is the forward KL too: the extra is the same numbers.
         assert torch.equal(record.extras["forward_kl"], record.signals.divergence)

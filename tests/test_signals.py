@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from trl_tip._compat import GKDTrainer
+from trl_tip.loss import compute_token_signals
 from trl_tip.signals import (
     chunk_slices,
-    compute_token_signals,
     divergence_from_logits,
     generalized_jsd,
     normalized_entropy,

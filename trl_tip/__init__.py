@@ -4,7 +4,7 @@ from . import _quiet  # noqa: F401  (first: imports bitsandbytes without its ker
 from .callbacks import SelectionCallback, SelectionScheduleCallback, linear_keep_ratio
 from .config import TIPArguments, TIPConfig, TIPDistillationConfig
 from .engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine
-from .loss import OutputHead, kept_token_jsd
+from .loss import OutputHead, compute_token_signals, kept_token_jsd
 from .selection import (
     AllTokens,
     DivergenceTopK,
@@ -22,7 +22,7 @@ from .selection import (
     Union,
     build_selector,
 )
-from .signals import TokenSignals, compute_token_signals
+from .signals import TokenSignals
 from .sstoken import (
     HistoryEMACallback,
     ModelHistory,

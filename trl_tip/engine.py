@@ -17,10 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers.utils import logging
 
-from .loss import OutputHead, gathered_heads, kept_token_jsd, token_jsd_with_signals
-from .selection import AllTokens, TokenSelector, planned_kept, validate_selection
+from .loss import OutputHead, SignalPlan, chunked_pass, gathered_heads
+from .selection import TokenSelector, planned_kept, validate_selection
 from .selection.context import Processes, QuadrantSplit, build_context, selection_seed
-from .signals import LOGIT_SIGNALS, TokenSignals, compute_token_signals
+from .signals import DIVERGENCES, SIGNAL_NAMES, TokenSignals
 from .stats import TIPStatistics
 
 
@@ -33,9 +33,9 @@ __all__ = [
     "TokenSelectionEngine",
 ]
 
-# Extra per-token inputs a selector may list in `requires` that need model forwards: the trainer adapter computes
-# them (ssToken's history-model losses and prompt attention). The logit-derived ones (`LOGIT_SIGNALS`) come from the
-# engine's own signals pass.
+# Per-token inputs a selector may list in `requires` that need model forwards: the trainer adapter computes them
+# (ssToken's history-model losses and prompt attention). The signals of the logits (`SIGNAL_NAMES`, `DIVERGENCES`)
+# come from the engine's chunked pass.
 MODEL_SIGNALS = ("history_nll", "history_divergence", "prompt_attention")
 
 logger = logging.get_logger(__name__)
@@ -200,7 +200,7 @@ class TokenSelectionEngine:
         if not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
         requires = frozenset(getattr(selector, "requires", ()))
-        allowed = (*MODEL_SIGNALS, *LOGIT_SIGNALS)
+        allowed = tuple(dict.fromkeys((*MODEL_SIGNALS, *SIGNAL_NAMES, *DIVERGENCES)))
         unknown = sorted(requires - set(allowed))
         if unknown:
             raise ValueError(
@@ -223,9 +223,17 @@ class TokenSelectionEngine:
         return self.requires & frozenset(MODEL_SIGNALS)
 
     @property
-    def logit_signals(self) -> tuple[str, ...]:
-        """The extra divergences the signals pass computes for the selector."""
-        return tuple(name for name in LOGIT_SIGNALS if name in self.requires)
+    def signal_plan(self) -> SignalPlan:
+        """The per-token signals of the logits the chunked pass computes: the axes, and the further divergences the
+        selector requires (passed to it in `context.extras`)."""
+        divergences = tuple(name for name in DIVERGENCES if name in self.requires and name not in SIGNAL_NAMES)
+        return SignalPlan(self.divergence, self.divergence_top_k, divergences)
+
+    @property
+    def keeps_every_token(self) -> bool:
+        """Whether the selector declares (`keeps_every_token = True`) that it keeps every finite token with weight 1:
+        its kept set is known before the signals, so the loss is taken in the signals pass."""
+        return bool(getattr(self.selector, "keeps_every_token", False))
 
     def add_observer(self, observer: SelectionObserver) -> None:
         """Registers `observer` (once) to receive a [`SelectionRecord`] after every micro-batch."""
@@ -279,9 +287,13 @@ class TokenSelectionEngine:
             extras=extras,
             training=training,
         )
-        selection = self.selector(signals, context)
-        weights = validate_selection(selection, len(signals), name=f"selector {self.selector!r}")
-        weights = torch.where(signals.finite, weights.to(signals.entropy.device), torch.zeros_like(weights))
+        if self.keeps_every_token:
+            # Declared: every finite token, weight 1 (the loss already taken in the signals pass is that of these).
+            weights = signals.finite.float()
+        else:
+            selection = self.selector(signals, context)
+            weights = validate_selection(selection, len(signals), name=f"selector {self.selector!r}")
+            weights = torch.where(signals.finite, weights.to(signals.entropy.device), torch.zeros_like(weights))
         return weights, context.quadrant, (context.entropy_threshold, context.divergence_threshold)
 
     # ------------------------------------------------------------------ one micro-batch
@@ -312,55 +324,22 @@ class TokenSelectionEngine:
 
     def _compute(self, batch: TokenBatch, global_step: int, training: bool, step: StepTokens):
         extras = dict(batch.extras)
-        hidden = batch.student_hidden
-        fused = None
-        if type(self.selector) is AllTokens and self.divergence_top_k is None and not self.logit_signals:
-            # Every token is kept: read the signals off the loss pass instead of a separate pass over the logits.
-            fused = token_jsd_with_signals(
-                hidden,
-                batch.teacher_hidden,
-                batch.student_head,
-                batch.teacher_head,
-                batch.targets,
-                beta=self.beta,
-                divergence=self.divergence,
-                chunk_size=self.chunk_size,
-                temperature=self.temperature,
-            )
-        if fused is not None:
-            loss_sum, values = fused
-            signals = TokenSignals(**values, seq_idx=batch.seq_idx, pos_idx=batch.pos_idx)
-            weights, quadrant, thresholds = self.select(signals, extras, global_step, training)
-        else:
-            signals, logit_extras = compute_token_signals(
-                hidden.detach(),
-                batch.teacher_hidden,
-                batch.targets,
-                batch.student_head,
-                batch.teacher_head,
-                batch.seq_idx,
-                batch.pos_idx,
-                beta=self.beta,
-                divergence=self.divergence,
-                divergence_top_k=self.divergence_top_k,
-                chunk_size=self.chunk_size,
-                extra=self.logit_signals,
-                temperature=self.temperature,
-                return_extra=True,
-            )
-            extras.update(logit_extras)
-            weights, quadrant, thresholds = self.select(signals, extras, global_step, training)
+        plan = self.signal_plan
+        heads = (batch.student_head, batch.teacher_head)
+        hidden, teacher_hidden = batch.student_hidden, batch.teacher_hidden
+        kwargs = dict(beta=self.beta, temperature=self.temperature, chunk_size=self.chunk_size)
+        # One chunked pass for the signals; a rule whose kept set is known before them (it declares so) takes its
+        # loss in the same pass, any other in a second pass over the kept positions only.
+        one_pass = self.keeps_every_token
+        weights = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device) if one_pass else None
+        signals_hidden = hidden if one_pass else hidden.detach()
+        loss_sum, values = chunked_pass(signals_hidden, teacher_hidden, *heads, batch.targets, weights, plan, **kwargs)
+        signals = TokenSignals.from_values(values, batch.seq_idx, batch.pos_idx)
+        extras.update({name: values[name] for name in plan.divergences})
+        weights, quadrant, thresholds = self.select(signals, extras, global_step, training)
+        if not one_pass:
             kept = (weights > 0).nonzero(as_tuple=True)[0]
-            loss_sum = kept_token_jsd(
-                hidden[kept],
-                batch.teacher_hidden[kept],
-                batch.student_head,
-                batch.teacher_head,
-                weights[kept],
-                beta=self.beta,
-                chunk_size=self.chunk_size,
-                temperature=self.temperature,
-            )
+            loss_sum, _ = chunked_pass(hidden[kept], teacher_hidden[kept], *heads, weights=weights[kept], **kwargs)
         lengths = step.rollout_lengths
         if lengths is None:
             # The micro-batch's own rollouts (over all processes in training, as the base count covers them).

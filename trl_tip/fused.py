@@ -12,8 +12,12 @@ graph over `(chunk, V)` tensors:
     d KL(T || S) / d s = S - T                                         (b = 0)
     d KL(S || T) / d s = S * (log S - log T - KL(S || T))              (b = 1)
 
-On CUDA the two chunk functions are compiled with `torch.compile` (fusing the passes into a few kernels) unless
-the environment variable `TRL_TIP_COMPILE=0` is set or compilation fails, in which case they run eagerly.
+One per-chunk function, `_chunk`, does it all; its three modes are the public wrappers: [`chunk_signals`] (every
+signal, and the gradient when the loss is taken in the same pass), [`student_signals`] (the student's side only, for
+a rule that reads no teacher signal) and [`jsd_and_grad`] (the loss and its gradient, for the kept tokens). The
+chunk driver that feeds it logits is `trl_tip.loss.chunked_pass`. On CUDA each mode is compiled with
+`torch.compile` (fusing the passes into a few kernels) unless the environment variable `TRL_TIP_COMPILE=0` is set
+or compilation fails, in which case it runs eagerly.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["chunk_signals", "jsd_and_grad"]
+__all__ = ["chunk_signals", "jsd_and_grad", "student_signals"]
 
 
 def _jsd_parts(ls: torch.Tensor, lt: torch.Tensor, beta: float):
@@ -55,37 +59,44 @@ def _jsd_grad(ls, lt, ps, pt, extra, jsd, beta: float) -> torch.Tensor:
     return (1.0 - beta) * ps * (ls - lm - kl_s.unsqueeze(-1))
 
 
-def _jsd_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float):
-    s, t = student_logits.float(), teacher_logits.float()
-    if temperature != 1.0:
-        s, t = s / temperature, t / temperature
-    ls = F.log_softmax(s, dim=-1)
-    lt = F.log_softmax(t, dim=-1)
-    jsd, ps, pt, extra = _jsd_parts(ls, lt, beta)
-    grad = _jsd_grad(ls, lt, ps, pt, extra, jsd, beta)
-    return jsd, grad / temperature if temperature != 1.0 else grad
-
-
 def _symmetric_jsd(ls: torch.Tensor, lt: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
     return (0.5 * (pt * (lt - lm)).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)) / math.log(2)
 
 
-def _chunk_signals(
+def _chunk(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor | None,
     beta: float,
     divergence: str,
     with_grad: bool,
     temperature: float,
-    extra: tuple[str, ...],
+    divergences: tuple[str, ...],
+    signals: bool,
 ):
+    """The one per-chunk function: logits of a chunk of positions -> its signals, loss and gradient (see the
+    wrappers [`chunk_signals`], [`student_signals`] and [`jsd_and_grad`] for what each mode returns)."""
     s = student_logits.float()
-    t = teacher_logits.float()
+    if not signals:
+        # The loss and its gradient only (the kept tokens' loss after a selection).
+        t = teacher_logits.float()
+        if temperature != 1.0:
+            s, t = s / temperature, t / temperature
+        ls, lt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+        loss, ps, pt, jsd_extra = _jsd_parts(ls, lt, beta)
+        grad = _jsd_grad(ls, lt, ps, pt, jsd_extra, loss, beta)
+        return loss, grad / temperature if temperature != 1.0 else grad
     ls = F.log_softmax(s, dim=-1)
-    lt = F.log_softmax(t, dim=-1)
     log_v = math.log(s.size(-1)) if s.size(-1) > 1 else 1.0
+    if teacher_logits is None:
+        # The student's side only (a rule that reads no teacher signal, before its selection).
+        entropy = -(ls.exp() * ls).sum(-1) / log_v
+        slp = ls.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ok = torch.isfinite(entropy)
+        return torch.where(ok, entropy, torch.zeros_like(entropy)), torch.where(ok, slp, torch.zeros_like(slp)), ok
+    t = teacher_logits.float()
+    lt = F.log_softmax(t, dim=-1)
     if temperature == 1.0:
         lsl, ltl = ls, lt
     else:
@@ -97,7 +108,7 @@ def _chunk_signals(
     entropy = -(ps * ls).sum(-1) / log_v
     teacher_entropy = -(pt * lt).sum(-1) / log_v
     named = {}
-    for name in {divergence, *extra}:
+    for name in {divergence, *divergences}:
         if name == "loss":
             named[name] = loss
         elif name == "jsd":
@@ -125,7 +136,7 @@ def _chunk_signals(
         if temperature != 1.0:
             grad = grad / temperature
         grad = torch.where(ok.unsqueeze(-1), grad, torch.zeros_like(grad))
-    return (*values, ok, grad, tuple(clean(named[name]) for name in extra))
+    return (*values, ok, grad, tuple(clean(named[name]) for name in divergences))
 
 
 _COMPILED: dict[str, object] = {}
@@ -165,7 +176,20 @@ def jsd_and_grad(
     Returns:
         `tuple`: The divergences, shape `(n,)`, and `d jsd_i / d student_logits[i]`, shape `(n, V)`, in float32.
     """
-    return _run("jsd_and_grad", _jsd_and_grad, student_logits, teacher_logits, float(beta), float(temperature))
+    args = (student_logits, teacher_logits, None, float(beta), "loss", True, float(temperature), (), False)
+    return _run("jsd_and_grad", _chunk, *args)
+
+
+def student_signals(
+    student_logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's side of the signals of a chunk of positions, without the teacher's logits.
+
+    Returns:
+        `tuple`: `(entropy, student_log_prob, finite)`, each `(n,)`: the entropy divided by `ln V` and the
+        log-probability of `targets` (float32, 0 on a row with a non-finite logit), and whether the row is finite.
+    """
+    return _run("student_signals", _chunk, student_logits, None, targets, 0.5, "loss", False, 1.0, (), True)
 
 
 def chunk_signals(
@@ -176,7 +200,7 @@ def chunk_signals(
     divergence: str = "loss",
     with_grad: bool = False,
     temperature: float = 1.0,
-    extra: tuple[str, ...] = (),
+    divergences: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, ...]:
     """Every per-token signal of a chunk of positions from one log-softmax per model.
 
@@ -193,23 +217,13 @@ def chunk_signals(
         with_grad (`bool`): Also return the gradient of the loss with respect to the student logits.
         temperature (`float`, *optional*, defaults to `1.0`): Temperature of the loss and its gradient (both logits
             divided by it); the other signals are taken at temperature 1.
-        extra (`tuple[str, ...]`, *optional*): Further divergences to return, among `"jsd"`, `"reverse_kl"`,
-            `"forward_kl"` and `"loss"` (temperature 1).
+        divergences (`tuple[str, ...]`, *optional*): Further divergences to return (a rule's `requires`), among
+            `"jsd"`, `"reverse_kl"`, `"forward_kl"` and `"loss"` (temperature 1).
 
     Returns:
         `tuple`: `(entropy, teacher_entropy, divergence, loss, student_log_prob, teacher_log_prob, finite, grad,
         extras)`, the first seven of shape `(n,)` (float32, entropies divided by `ln V`; `finite` boolean), `grad` of
-        shape `(n, V)` or `None`, `extras` a tuple with one `(n,)` tensor per name in `extra`.
+        shape `(n, V)` or `None`, `extras` a tuple with one `(n,)` tensor per name in `divergences`.
     """
-    return _run(
-        f"chunk_signals_{bool(with_grad)}",
-        _chunk_signals,
-        student_logits,
-        teacher_logits,
-        targets,
-        float(beta),
-        divergence,
-        bool(with_grad),
-        float(temperature),
-        tuple(extra),
-    )
+    args = (float(beta), divergence, bool(with_grad), float(temperature), tuple(divergences), True)
+    return _run(f"chunk_signals_{bool(with_grad)}", _chunk, student_logits, teacher_logits, targets, *args)

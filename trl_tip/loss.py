@@ -1,6 +1,8 @@
-"""The distillation loss on kept positions only, computed from hidden states in chunks.
+"""The chunk driver: per-token signals and the distillation loss on kept positions, from hidden states in chunks.
 
-GKD builds the `(batch, seq, vocab)` logits of every position with grad. Here the caller gathers the final hidden
+[`chunked_pass`] is the one route from final hidden states to per-token values: it feeds each chunk's logits to the
+one per-chunk function of `trl_tip.fused` and returns the declared signals ([`SignalPlan`]) and/or the weighted loss;
+[`compute_token_signals`] and [`kept_token_jsd`] are its two single-purpose forms. GKD builds the `(batch, seq, vocab)` logits of every position with grad. Here the caller gathers the final hidden
 states of the kept positions, and the generalized JSD is computed a chunk of positions at a time: for a plain
 linear `lm_head` the gradient of each chunk's logits is taken inside the forward and folded straight into the
 gradients of the hidden states and of the head's weight (as Liger-Kernel's fused linear losses do), so at most one
@@ -12,23 +14,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .fused import chunk_signals, jsd_and_grad
-from .signals import chunk_slices, generalized_jsd
+from .fused import chunk_signals, jsd_and_grad, student_signals
+from .signals import (
+    DIVERGENCES,
+    SIGNAL_NAMES,
+    STUDENT_SIGNALS,
+    TokenSignals,
+    chunk_slices,
+    divergence_from_logits,
+    generalized_jsd,
+)
 
 
 __all__ = [
     "LOSS_BACKENDS",
     "OutputHead",
+    "SignalPlan",
+    "chunked_pass",
+    "compute_token_signals",
     "gathered_heads",
     "kept_token_jsd",
     "logit_scale_of",
-    "token_jsd_with_signals",
 ]
 
 LOSS_BACKENDS = ("auto", "fused", "trl")
@@ -149,91 +162,141 @@ def gathered_heads(*heads: OutputHead) -> Iterator[None]:
         yield
 
 
-SIGNAL_NAMES = ("entropy", "teacher_entropy", "divergence", "loss", "student_log_prob", "teacher_log_prob")
+@dataclass(frozen=True)
+class SignalPlan:
+    """Which per-token signals a chunked pass computes: what the selection rule declared in its `requires`.
 
-
-class _FusedLinearGeneralizedJSD(torch.autograd.Function):
-    """Sum over positions of `weights * generalized_jsd(cap(hidden @ W.T + b), teacher_logits)`.
-
-    With `signals` (a dict with the positions' `targets` and the `divergence` kind), every per-token signal is read
-    off the same chunk's log-probabilities and written into `signals` (float32 tensors named as `SIGNAL_NAMES`, plus
-    a boolean `finite`); rows whose logits are not finite get weight 0 and zero signals.
+    Attributes:
+        divergence: The second axis, `"loss"` (the per-token loss itself) or one of `"reverse_kl"`, `"forward_kl"`,
+            `"jsd"`.
+        divergence_top_k: Teacher top-k restriction of the axis (not with `"loss"`).
+        divergences: Further divergences to compute in the same pass (returned under their names; a rule reads them
+            in `context.extras`), among `"jsd"`, `"reverse_kl"`, `"forward_kl"`.
+        teacher: `False`: the student's side only (`entropy`, `student_log_prob`, `finite`), without running the
+            teacher's head: for a rule that reads no teacher signal, before its selection.
     """
+
+    divergence: str = "loss"
+    divergence_top_k: int | None = None
+    divergences: tuple[str, ...] = ()
+    teacher: bool = True
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r} is unknown; allowed values: {', '.join(DIVERGENCES)}.")
+        if self.divergence_top_k is not None and self.divergence == "loss":
+            raise ValueError(
+                "divergence_top_k does not apply to divergence='loss' (the training loss has no top-k form)."
+            )
+        unknown = sorted(set(self.divergences) - set(DIVERGENCES))
+        if unknown:
+            raise ValueError(f"divergences {unknown} are unknown; allowed values: {', '.join(DIVERGENCES)}.")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The per-token values a pass with this plan returns (besides the boolean `finite`)."""
+        if not self.teacher:
+            return STUDENT_SIGNALS
+        return (*SIGNAL_NAMES, *self.divergences)
+
+
+def _student_logits(head, hidden: torch.Tensor) -> torch.Tensor:
+    """A chunk's student logits; for a plain linear head, capped in float32 as the loss's gradient needs them."""
+    if isinstance(head, OutputHead) and head.is_plain_linear:
+        raw = F.linear(hidden, head.weight, head.bias)
+        return head.cap(raw.float()) if head.transforms else raw
+    return head(hidden)
+
+
+def _drive(hidden, teacher_hidden, head, teacher_head, targets, weights, plan, beta, temperature, chunk_size, grads):
+    """The chunk loop: each chunk's logits through the per-chunk function (`trl_tip.fused`); the signals written out,
+    `Σ weight · loss` summed, and, with `grads` (plain linear head), the loss's gradient folded into them."""
+    n, device = hidden.size(0), hidden.device
+    values = {}
+    if plan is not None:
+        values = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in plan.names}
+        values["finite"] = torch.zeros(n, dtype=torch.bool, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for sl in chunk_slices(n, chunk_size):
+        h = hidden[sl]
+        student_logits = _student_logits(head, h)
+        if plan is not None and not plan.teacher:
+            values["entropy"][sl], values["student_log_prob"][sl], values["finite"][sl] = student_signals(
+                student_logits, targets[sl]
+            )
+            continue
+        teacher_logits = teacher_head(teacher_hidden[sl])
+        ok = None
+        if plan is None:
+            per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta, temperature)
+        else:
+            *signals, ok, grad_logits, more = chunk_signals(
+                student_logits,
+                teacher_logits,
+                targets[sl],
+                beta,
+                plan.divergence,
+                grads is not None,
+                temperature,
+                plan.divergences,
+            )
+            for name, value in zip(plan.names, (*signals, *more)):
+                values[name][sl] = value
+            values["finite"][sl] = ok
+            if plan.divergence_top_k is not None:
+                top_k = divergence_from_logits(student_logits, teacher_logits, plan.divergence, plan.divergence_top_k)
+                values["divergence"][sl] = torch.where(ok, top_k, torch.zeros_like(top_k))
+            per_token = signals[SIGNAL_NAMES.index("loss")]
+        if weights is not None:
+            total += (per_token * weights[sl]).sum()
+        del teacher_logits, per_token
+        if grads is None:
+            continue
+        grad_h, grad_w, grad_b = grads
+        weight = head.weight
+        grad_logits = grad_logits * weights[sl].unsqueeze(-1)
+        if head.transforms:
+            # d cap(x) / dx = scale * (1 - tanh(scale * x / c)^2) = scale * (1 - (cap(x) / c)^2)
+            grad_logits = grad_logits * head.cap_grad(student_logits)
+        grad_raw = grad_logits.to(weight.dtype)
+        del grad_logits, student_logits
+        if ok is not None:
+            # Rows with non-finite logits get no gradient: 0 * NaN would otherwise poison the whole weight gradient
+            # (a NaN/inf hidden row, or the soft-capping factor of a NaN logit).
+            skipped = ~ok.unsqueeze(-1)
+            grad_raw = grad_raw.masked_fill(skipped, 0.0)
+            h = h.masked_fill(skipped, 0.0)
+        if grad_h is not None:
+            grad_h[sl] = grad_raw @ weight
+        if grad_w is not None:
+            grad_w += (grad_raw.t() @ h.to(weight.dtype)).float()
+        if grad_b is not None:
+            grad_b += grad_raw.float().sum(0)
+        del grad_raw
+    return total, values
+
+
+class _FusedLinearPass(torch.autograd.Function):
+    """[`_drive`] for a plain linear student head: `Σ weight · loss` with its gradient computed in the forward (and
+    the signals of `plan`, written into `values`)."""
 
     @staticmethod
     def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        teacher_hidden,
-        token_weights,
-        head,
-        teacher_head,
-        beta,
-        chunk_size,
-        signals,
-        temperature,
+        ctx, hidden, weight, bias, teacher_hidden, token_weights, head, teacher_head, targets, plan, args, values
     ):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        any_grad = need_h or need_w or need_b
-        n = hidden.size(0)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        if signals is not None:
-            for name in SIGNAL_NAMES:
-                signals[name] = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-            signals["finite"] = torch.zeros(n, dtype=torch.bool, device=hidden.device)
-        for sl in chunk_slices(n, chunk_size):
-            h = hidden[sl]
-            w = token_weights[sl]
-            with torch.no_grad():
-                teacher_logits = teacher_head(teacher_hidden[sl])
-                raw = F.linear(h, weight, bias)
-                student_logits = head.cap(raw.float()) if head.transforms else raw
-                if signals is None:
-                    per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta, temperature)
-                else:
-                    *values, ok, grad_logits, _ = chunk_signals(
-                        student_logits,
-                        teacher_logits,
-                        signals["targets"][sl],
-                        beta,
-                        signals["divergence_kind"],
-                        True,
-                        temperature,
-                    )
-                    signals["finite"][sl] = ok
-                    for name, value in zip(SIGNAL_NAMES, values):
-                        signals[name][sl] = value
-                    per_token = values[SIGNAL_NAMES.index("loss")]
-                total += (per_token * w).sum()
-                del teacher_logits, per_token
-                if not any_grad:
-                    continue
-                grad_logits = grad_logits * w.unsqueeze(-1)
-                if head.transforms:
-                    # d cap(x) / dx = scale * (1 - tanh(scale * x / c)^2) = scale * (1 - (cap(x) / c)^2)
-                    grad_logits = grad_logits * head.cap_grad(student_logits)
-                grad_raw = grad_logits.to(weight.dtype)
-                del grad_logits, student_logits, raw
-                if signals is not None:
-                    # Rows with non-finite logits get no gradient: 0 * NaN would otherwise poison the whole
-                    # weight gradient (a NaN/inf hidden row, or the soft-capping factor of a NaN logit).
-                    skipped = ~ok.unsqueeze(-1)
-                    grad_raw = grad_raw.masked_fill(skipped, 0.0)
-                    h = h.masked_fill(skipped, 0.0)
-                if need_h:
-                    grad_h[sl] = grad_raw @ weight
-                if need_w:
-                    grad_w += (grad_raw.t() @ h.to(weight.dtype)).float()
-                if need_b:
-                    grad_b += grad_raw.float().sum(0)
-                del grad_raw
-        ctx.grads = (grad_h, grad_w, grad_b)
+        grads = None
+        if need_h or need_w or need_b:
+            grads = (
+                torch.zeros_like(hidden) if need_h else None,
+                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None,
+                torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None,
+            )
+        with torch.no_grad():
+            total, out = _drive(hidden, teacher_hidden, head, teacher_head, targets, token_weights, plan, *args, grads)
+        values.update(out)
+        ctx.grads = grads or (None, None, None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
@@ -250,45 +313,76 @@ class _FusedLinearGeneralizedJSD(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
-def kept_token_jsd(
+def chunked_pass(
     hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     head: OutputHead,
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
-    token_weights: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    signals: SignalPlan | None = None,
     beta: float = 0.5,
-    chunk_size: int = 1024,
     temperature: float = 1.0,
+    chunk_size: int = 1024,
     backend: str = "auto",
-) -> torch.Tensor:
-    """Weighted sum of the per-token generalized JSD over the kept positions, with grad, in chunks.
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The one chunk driver: per-token signals and/or the weighted loss of a set of positions, a chunk at a time.
 
-    Three implementations, all without a `(positions × vocab)` tensor with grad: `"fused"` (trl-tip's: chunks of
-    positions, one log-softmax per model per chunk, the gradient computed in the forward), `"trl"` (TRL's
-    `ChunkedDivergenceFunction`: vocabulary tiles, Triton on CUDA, the gradient recomputed in the backward, where it
-    re-gathers ZeRO-3 partitioned heads), and a per-chunk checkpointed fallback for heads that are not a plain
-    linear layer (e.g. a LoRA-wrapped `lm_head`). `"auto"` takes TRL's kernel on CUDA and for a ZeRO-3 partitioned
-    head, and trl-tip's otherwise (the `all` rule reads its signals off trl-tip's fused pass instead, see
-    [`token_jsd_with_signals`]).
+    Every chunk's student and teacher logits go through one per-chunk function (`trl_tip.fused`); at most one
+    chunk's `(positions × vocab)` tensors are alive, and none with grad beyond one chunk. With `signals` and
+    `weights` and a plain linear student head, the signals and the loss come from the same pass (the logits and
+    log-softmaxes of each chunk computed once); another head (e.g. LoRA-wrapped) takes a signals pass, then the loss.
 
     Args:
-        hidden (`torch.Tensor`): Student final hidden states of the kept positions, shape `(K, d)`, with grad.
-        teacher_hidden (`torch.Tensor`): Teacher final hidden states of the same positions, shape `(K, d_t)`.
-        head ([`OutputHead`]): The student's output head.
-        teacher_head (`Callable`): Maps teacher hidden states to logits (run under `no_grad`).
-        token_weights (`torch.Tensor`): Weight of each position, shape `(K,)` (1 for a plain keep-mask).
-        beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient, as in GKD.
+        hidden (`torch.Tensor`): Student final hidden states of the positions, shape `(N, d)` (with grad for a loss).
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states, shape `(N, d_t)`.
+        head ([`OutputHead`]): The student's output head (or any callable hidden states -> logits, for signals).
+        teacher_head (`Callable`): Maps teacher hidden states to logits.
+        targets (`torch.Tensor`, *optional*): Next-token ids `(N,)`; needed for `signals`.
+        weights (`torch.Tensor`, *optional*): Loss weight of each position `(N,)`; `None`: no loss.
+        signals ([`SignalPlan`], *optional*): The signals to compute; `None`: the loss only.
+        beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD, as in GKD.
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the loss (signals at temperature 1).
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
-        temperature (`float`, *optional*, defaults to `1.0`): Both logits are divided by it before the divergence.
-        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"fused"` or `"trl"` (see above).
+        backend (`str`, *optional*, defaults to `"auto"`): Of a loss without signals, see [`kept_token_jsd`].
 
     Returns:
-        `torch.Tensor`: Scalar float32 `sum_k token_weights[k] * jsd_k`, differentiable with respect to `hidden`
-        and the head's parameters.
+        `tuple`: The scalar float32 `Σ weights · loss` (differentiable with respect to `hidden` and the head's
+        parameters; `None` without `weights`), and a dict of the signals, each `(N,)` (`SignalPlan.names` and a
+        boolean `finite`; a row with a non-finite logit has `finite=False`, zero signals and no gradient).
     """
+    args = (beta, float(temperature), chunk_size)
+    if weights is None:
+        if signals is None:
+            raise ValueError("chunked_pass needs `weights` (a loss), `signals` (a SignalPlan) or both.")
+        with torch.no_grad():
+            return None, _drive(
+                hidden.detach(), teacher_hidden, head, teacher_head, targets, None, signals, *args, None
+            )[1]
+    weights = weights.detach().float()
+    if signals is not None and not signals.teacher:
+        raise ValueError("A loss needs the teacher's logits: SignalPlan(teacher=False) is for a signals-only pass.")
+    if signals is not None and isinstance(head, OutputHead) and head.is_plain_linear:
+        values: dict[str, torch.Tensor] = {}
+        loss = _FusedLinearPass.apply(
+            hidden, head.weight, head.bias, teacher_hidden, weights, head, teacher_head, targets, signals, args, values
+        )
+        return loss, values
+    values = (
+        {}
+        if signals is None
+        else chunked_pass(hidden, teacher_hidden, head, teacher_head, targets, None, signals, *args)[1]
+    )
+    return _weighted_loss(
+        hidden, teacher_hidden, head, teacher_head, weights, beta, chunk_size, temperature, backend
+    ), values
+
+
+def _weighted_loss(hidden, teacher_hidden, head, teacher_head, token_weights, beta, chunk_size, temperature, backend):
+    """The loss without signals: TRL's kernel, the fused linear pass, or per-chunk checkpointing (see
+    [`kept_token_jsd`])."""
     if backend not in LOSS_BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; allowed values: {', '.join(LOSS_BACKENDS)}.")
-    token_weights = token_weights.detach().float()
     linear_heads = isinstance(teacher_head, OutputHead) and type(head.module) is nn.Linear
     linear_heads = linear_heads and type(teacher_head.module) is nn.Linear
     if backend == "auto":
@@ -323,18 +417,9 @@ def kept_token_jsd(
         # `+ 0 * sum`: a valid graph to the hidden states even with no kept position.
         return (divergence.float() * token_weights).sum() + hidden.sum() * 0.0
     if head.is_plain_linear:
-        return _FusedLinearGeneralizedJSD.apply(
-            hidden,
-            head.weight,
-            head.bias,
-            teacher_hidden,
-            token_weights,
-            head,
-            teacher_head,
-            beta,
-            chunk_size,
-            None,
-            float(temperature),
+        args = (beta, float(temperature), chunk_size)
+        return _FusedLinearPass.apply(
+            hidden, head.weight, head.bias, teacher_hidden, token_weights, head, teacher_head, None, None, args, {}
         )
 
     def chunk_loss(h: torch.Tensor, t_hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -355,54 +440,85 @@ def kept_token_jsd(
     return total
 
 
-def token_jsd_with_signals(
+def kept_token_jsd(
     hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     head: OutputHead,
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
-    targets: torch.Tensor,
+    token_weights: torch.Tensor,
     beta: float = 0.5,
-    divergence: str = "jsd",
     chunk_size: int = 1024,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    """The loss of every position and the per-token signals, in one pass over the logits (the `all` rule).
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Weighted sum of the per-token generalized JSD over the kept positions, with grad, in chunks.
 
-    Equal to `compute_token_signals` followed by `kept_token_jsd` with weight 1 on every finite position, but each
-    chunk's logits and log-softmaxes are computed once instead of twice.
+    [`chunked_pass`] with a loss and no signals. Three implementations, all without a `(positions × vocab)` tensor
+    with grad: `"fused"` (trl-tip's: chunks of positions, one log-softmax per model per chunk, the gradient computed
+    in the forward), `"trl"` (TRL's `ChunkedDivergenceFunction`: vocabulary tiles, Triton on CUDA, the gradient
+    recomputed in the backward, where it re-gathers ZeRO-3 partitioned heads), and a per-chunk checkpointed fallback
+    for heads that are not a plain linear layer (e.g. a LoRA-wrapped `lm_head`). `"auto"` takes TRL's kernel on CUDA
+    (vocabulary of 32,768 or more) and for a ZeRO-3 partitioned head, and trl-tip's otherwise.
 
     Args:
-        hidden (`torch.Tensor`): Student final hidden states of the positions, shape `(N, d)`, with grad.
-        teacher_hidden (`torch.Tensor`): Teacher final hidden states, shape `(N, d_t)`.
+        hidden (`torch.Tensor`): Student final hidden states of the kept positions, shape `(K, d)`, with grad.
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states of the same positions, shape `(K, d_t)`.
         head ([`OutputHead`]): The student's output head.
-        teacher_head (`Callable`): Maps teacher hidden states to logits.
-        targets (`torch.Tensor`): Next-token ids of shape `(N,)`.
-        beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient.
-        divergence (`str`, *optional*, defaults to `"jsd"`): Divergence of the second axis (no top-k restriction).
+        teacher_head (`Callable`): Maps teacher hidden states to logits (run under `no_grad`).
+        token_weights (`torch.Tensor`): Weight of each position, shape `(K,)` (1 for a plain keep-mask).
+        beta (`float`, *optional*, defaults to `0.5`): Generalized JSD interpolation coefficient, as in GKD.
         chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
-        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the loss (signals at temperature 1).
+        temperature (`float`, *optional*, defaults to `1.0`): Both logits are divided by it before the divergence.
+        backend (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"fused"` or `"trl"` (see above).
 
     Returns:
-        `tuple` or `None`: The differentiable loss sum over the finite positions and a dict with `entropy`,
-        `teacher_entropy`, `divergence`, `loss`, `student_log_prob`, `teacher_log_prob` and `finite`, each of shape
-        `(N,)`; `None` when the head is not a plain linear layer (then use the two-pass path).
+        `torch.Tensor`: Scalar float32 `sum_k token_weights[k] * jsd_k`, differentiable with respect to `hidden`
+        and the head's parameters.
     """
-    if not head.is_plain_linear:
-        return None
-    signals: dict = {"targets": targets, "divergence_kind": divergence}
-    weights = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device)
-    loss = _FusedLinearGeneralizedJSD.apply(
-        hidden,
-        head.weight,
-        head.bias,
-        teacher_hidden,
-        weights,
-        head,
-        teacher_head,
-        beta,
-        chunk_size,
-        signals,
-        float(temperature),
+    kwargs = dict(beta=beta, temperature=temperature, chunk_size=chunk_size, backend=backend)
+    return chunked_pass(hidden, teacher_hidden, head, teacher_head, weights=token_weights, **kwargs)[0]
+
+
+def compute_token_signals(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    seq_idx: torch.Tensor,
+    pos_idx: torch.Tensor,
+    beta: float = 0.5,
+    divergence: str = "loss",
+    divergence_top_k: int | None = None,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> TokenSignals:
+    """The per-token signals of the eligible positions from their final hidden states, chunk by chunk, without grad.
+
+    [`chunked_pass`] with signals and no loss.
+
+    Args:
+        student_hidden (`torch.Tensor`): Student final hidden states of shape `(N, d_student)`.
+        teacher_hidden (`torch.Tensor`): Teacher final hidden states of shape `(N, d_teacher)`.
+        targets (`torch.Tensor`): Next-token ids of shape `(N,)`.
+        student_head (`Callable`): Maps student hidden states to logits (the student's `lm_head`).
+        teacher_head (`Callable`): Maps teacher hidden states to logits.
+        seq_idx (`torch.Tensor`): Batch row of each position, shape `(N,)`.
+        pos_idx (`torch.Tensor`): Position in the row of each position, shape `(N,)`.
+        beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD training loss.
+        divergence (`str`, *optional*, defaults to `"loss"`): Divergence of the second axis, `"loss"` (the per-token
+            loss itself, at the trainer's temperature) or one of `divergence_from_logits`'s.
+        divergence_top_k (`int`, *optional*): Teacher top-k restriction of the divergence (not with `"loss"`).
+        chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
+        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the per-token loss (`loss`, and the
+            `"loss"` axis); the other signals are taken at temperature 1.
+
+    Returns:
+        [`TokenSignals`]: The signals of the `N` positions.
+    """
+    plan = SignalPlan(divergence, divergence_top_k)
+    kwargs = dict(beta=beta, temperature=temperature, chunk_size=chunk_size)
+    _, values = chunked_pass(
+        student_hidden, teacher_hidden, student_head, teacher_head, targets, signals=plan, **kwargs
     )
-    del signals["targets"], signals["divergence_kind"]
-    return loss, signals
+    return TokenSignals.from_values(values, seq_idx, pos_idx)

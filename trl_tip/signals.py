@@ -1,8 +1,8 @@
 """Per-token signals of on-policy distillation: entropy, divergence, per-token loss, sampled-token log-probs.
 
-Everything here runs without grad. The functions on logits are pure and work on one chunk of positions; the
-chunked driver [`compute_token_signals`] projects hidden states through each `lm_head` a chunk of positions at a
-time, so no `(tokens × vocab)` float32 tensor is ever built for all positions at once.
+Everything here runs without grad. The functions on logits are pure reference implementations (the fused per-chunk
+function of `trl_tip.fused` is tested against them); the chunk driver that computes the signals of a micro-batch is
+`trl_tip.loss.chunked_pass` (and its signals-only form `compute_token_signals`).
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .fused import chunk_signals
-
 
 # The second axis: the per-token training loss (default; the TIP paper's KL(student || teacher) with beta = 1) or one of
 # the divergences computed from the logits.
 DIVERGENCES = ("loss", "reverse_kl", "forward_kl", "jsd")
-# Divergences a selector may ask for in `requires` besides the axis: computed in the same chunked pass (temperature 1).
-LOGIT_SIGNALS = ("jsd", "reverse_kl", "forward_kl")
+# The per-token values of `TokenSignals` (besides `finite` and the indices), and those read off the student's logits
+# alone. A rule names what it reads among these (and further divergences of `DIVERGENCES`) in its `requires`.
+SIGNAL_NAMES = ("entropy", "teacher_entropy", "divergence", "loss", "student_log_prob", "teacher_log_prob")
+STUDENT_SIGNALS = ("entropy", "student_log_prob")
 
 __all__ = [
     "DIVERGENCES",
-    "LOGIT_SIGNALS",
+    "SIGNAL_NAMES",
+    "STUDENT_SIGNALS",
     "TokenSignals",
     "chunk_slices",
-    "compute_token_signals",
     "divergence_from_logits",
     "generalized_jsd",
     "history_token_losses",
@@ -105,8 +105,9 @@ def divergence_from_logits(
     Returns:
         `torch.Tensor`: Divergence of shape `(...)`, in float32.
     """
-    if kind not in LOGIT_SIGNALS:
-        raise ValueError(f"Unknown divergence {kind!r}; allowed values: {', '.join(LOGIT_SIGNALS)}.")
+    kinds = ("jsd", "reverse_kl", "forward_kl")
+    if kind not in kinds:
+        raise ValueError(f"Unknown divergence {kind!r}; allowed values: {', '.join(kinds)}.")
     student_logits = student_logits.float()
     teacher_logits = teacher_logits.float()
     if top_k is not None and top_k < teacher_logits.size(-1):
@@ -169,6 +170,20 @@ class TokenSignals:
     def __len__(self) -> int:
         return self.entropy.numel()
 
+    @classmethod
+    def from_values(
+        cls, values: dict[str, torch.Tensor], seq_idx: torch.Tensor, pos_idx: torch.Tensor
+    ) -> TokenSignals:
+        """The signals from the dict of a chunked pass (`trl_tip.loss.chunked_pass`); a signal it did not compute
+        (the teacher's side of a student-only pass) is NaN."""
+        missing = torch.full_like(values["entropy"], float("nan"))
+        return cls(
+            **{name: values.get(name, missing) for name in SIGNAL_NAMES},
+            finite=values["finite"],
+            seq_idx=seq_idx,
+            pos_idx=pos_idx,
+        )
+
     def subset(self, index: torch.Tensor) -> TokenSignals:
         """Returns the signals of the positions selected by `index` (a boolean mask or integer indices)."""
         return TokenSignals(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
@@ -178,87 +193,6 @@ def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
     """The slices `[0, c), [c, 2c), ...` covering `range(n)` in chunks of `chunk_size` (the last one shorter)."""
     for start in range(0, n, chunk_size):
         yield slice(start, min(start + chunk_size, n))
-
-
-@torch.no_grad()
-def compute_token_signals(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    targets: torch.Tensor,
-    student_head: Callable[[torch.Tensor], torch.Tensor],
-    teacher_head: Callable[[torch.Tensor], torch.Tensor],
-    seq_idx: torch.Tensor,
-    pos_idx: torch.Tensor,
-    beta: float = 0.5,
-    divergence: str = "loss",
-    divergence_top_k: int | None = None,
-    chunk_size: int = 1024,
-    extra: tuple[str, ...] = (),
-    temperature: float = 1.0,
-    return_extra: bool = False,
-) -> TokenSignals | tuple[TokenSignals, dict[str, torch.Tensor]]:
-    """Computes the per-token signals from the final hidden states of the eligible positions, chunk by chunk.
-
-    Args:
-        student_hidden (`torch.Tensor`): Student final hidden states of shape `(N, d_student)`.
-        teacher_hidden (`torch.Tensor`): Teacher final hidden states of shape `(N, d_teacher)`.
-        targets (`torch.Tensor`): Next-token ids of shape `(N,)`.
-        student_head (`Callable`): Maps student hidden states to logits (the student's `lm_head`).
-        teacher_head (`Callable`): Maps teacher hidden states to logits.
-        seq_idx (`torch.Tensor`): Batch row of each position, shape `(N,)`.
-        pos_idx (`torch.Tensor`): Position in the row of each position, shape `(N,)`.
-        beta (`float`, *optional*, defaults to `0.5`): `beta` of the generalized JSD training loss.
-        divergence (`str`, *optional*, defaults to `"loss"`): Divergence of the second axis, `"loss"` (the per-token
-            loss itself, at the trainer's temperature) or one of [`divergence_from_logits`]'s.
-        divergence_top_k (`int`, *optional*): Teacher top-k restriction of the divergence (not with `"loss"`).
-        chunk_size (`int`, *optional*, defaults to `1024`): Positions per chunk.
-        extra (`tuple[str, ...]`, *optional*): Further divergences (`LOGIT_SIGNALS`) to compute in the same pass.
-        temperature (`float`, *optional*, defaults to `1.0`): Temperature of the per-token loss (`loss`, and the
-            `"loss"` axis); the other signals are taken at temperature 1.
-        return_extra (`bool`, *optional*, defaults to `False`): Also return the `extra` divergences, as a dict.
-
-    Returns:
-        [`TokenSignals`]: The signals of the `N` positions (and the dict of `extra` divergences if `return_extra`).
-    """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is unknown; allowed values: {', '.join(DIVERGENCES)}.")
-    if divergence_top_k is not None and divergence == "loss":
-        raise ValueError("divergence_top_k does not apply to divergence='loss' (the training loss has no top-k form).")
-    n = targets.numel()
-    device = targets.device
-    names = ("entropy", "tent", "divergence", "loss", "slp", "tlp")
-    out = {name: torch.zeros(n, device=device) for name in (*names, *extra)}
-    finite = torch.zeros(n, dtype=torch.bool, device=device)
-    for sl in chunk_slices(n, chunk_size):
-        # The matmuls run in the heads' dtype; `chunk_signals` upcasts to float32 inside its fused kernels and
-        # flags the rows with an inf or NaN logit (their signals are zero and they are never selected).
-        s_logits = student_head(student_hidden[sl])
-        t_logits = teacher_head(teacher_hidden[sl])
-        *values, ok, _, extras = chunk_signals(
-            s_logits, t_logits, targets[sl], beta, divergence, temperature=temperature, extra=tuple(extra)
-        )
-        finite[sl] = ok
-        if divergence_top_k is not None:
-            values[2] = divergence_from_logits(s_logits, t_logits, divergence, divergence_top_k)
-        for name, value in zip((*names, *extra), (*values, *extras)):
-            out[name][sl] = value
-        del s_logits, t_logits
-    # `torch.where`, not a boolean-mask assignment: the latter waits for the GPU to count the mask.
-    out = {name: torch.where(finite, value, torch.zeros_like(value)) for name, value in out.items()}
-    signals = TokenSignals(
-        entropy=out["entropy"],
-        divergence=out["divergence"],
-        loss=out["loss"],
-        student_log_prob=out["slp"],
-        teacher_log_prob=out["tlp"],
-        teacher_entropy=out["tent"],
-        finite=finite,
-        seq_idx=seq_idx,
-        pos_idx=pos_idx,
-    )
-    if return_extra:
-        return signals, {name: out[name] for name in extra}
-    return signals
 
 
 HISTORY_LOSSES = ("nll", "divergence")

@@ -77,8 +77,10 @@ class TokenSelector(Protocol):
     if it has one, the number of tokens a rule plans to keep of rollouts of `lengths` eligible tokens; else every
     eligible token). So the loss of a step does not depend on how its rows are split into micro-batches or processes.
 
-    A selector may list in a `requires` attribute the extra per-token inputs it needs (names among
-    `TIPTrainer.EXTRA_SIGNALS`); the trainer computes them only then and passes them in `context.extras`.
+    A selector declares what it reads in a `requires` attribute: further divergences of the logits (`"jsd"`,
+    `"reverse_kl"`, `"forward_kl"`) and inputs computed by the trainer (e.g. ssToken's), which it receives in
+    `context.extras`, computed only when required. A selector that keeps every finite token with weight 1 may say so
+    with `keeps_every_token = True`: it is then not called, and its loss is taken in the signals pass.
 
     A selector that needs state across steps keeps it itself or in a `TrainerCallback`; a selector with a
     `state_dict()` / `load_state_dict()` pair is saved in and restored from checkpoints by `TIPTrainer`.

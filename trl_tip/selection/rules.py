@@ -60,7 +60,12 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 class AllTokens:
-    """Keeps every eligible token: exactly GKD's loss."""
+    """Keeps every eligible token: exactly GKD's loss.
+
+    It declares `keeps_every_token`, so the engine takes the loss in the signals pass (one pass over the logits).
+    """
+
+    keeps_every_token = True
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         return torch.ones(len(signals), dtype=torch.bool, device=signals.entropy.device)
