@@ -290,6 +290,35 @@ def test_train_help_is_short_and_true(capsys):
 
 
 @pytest.mark.parametrize("trainer", ["gkd", "distillation"])
+def test_help_defaults_agree_with_the_config_and_the_registry(capsys, trainer):
+    """`--help`, `--help-all` and the validation take the default rule and keep_ratio from one source."""
+    from trl_tip import TIPConfig, TIPDistillationConfig
+    from trl_tip.selection import RULES
+
+    main(["train", "--help"])
+    short = " ".join(capsys.readouterr().out.split())
+    main(["train", "--help-all", "--trainer", trainer])
+    full = " ".join(capsys.readouterr().out.split())
+    shown = short.split("--keep_ratio R")[1].split("(default ")[1].split(")")[0]
+    assert f"default ({shown})" in full  # --help-all's keep_ratio help: the same text
+    # "0.5; 0.1 for q3_score, divergence_topk; 0.6 for sstoken" -> the default of each budgeted rule
+    common, *others = shown.split("; ")
+    said = {}
+    for part in others:
+        value, names = part.split(" for ")
+        said.update({name: float(value) for name in names.split(", ")})
+    config_cls = TIPConfig if trainer == "gkd" else TIPDistillationConfig
+    budgeted = [name for name, spec in RULES.items() if spec.budgeted]
+    assert set(said) < set(budgeted)
+    for name in budgeted:
+        # What the validation fills in for each rule is what both help texts say.
+        args = config_cls(output_dir="/tmp/unused", token_selection=name, use_cpu=True, bf16=False, report_to="none")
+        assert args.keep_ratio == said.get(name, float(common)), name
+    default_rule = config_cls(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none").token_selection
+    assert f"{default_rule} (default)" in short
+
+
+@pytest.mark.parametrize("trainer", ["gkd", "distillation"])
 def test_train_help_all_lists_every_option_and_a_true_teacher_help(capsys, trainer):
     main(["train", "--help-all", "--trainer", trainer])
     text = " ".join(capsys.readouterr().out.split())

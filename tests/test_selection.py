@@ -209,3 +209,34 @@ def test_one_of_names_the_option_and_the_allowed_values():
     assert check_choice("budget_scope", "rollout", ("rollout", "batch")) == "rollout"
     with pytest.raises(ValueError, match=r"^budget_scope='step' is unknown; allowed values: rollout, batch\.$"):
         check_choice("budget_scope", "step", ("rollout", "batch"))
+
+
+@pytest.mark.parametrize(
+    "option, value, build",
+    [
+        ("keep_ratio", 1.5, lambda v: EntropyTopK(keep_ratio=v)),
+        ("keep_ratio", 0.0, lambda v: QuadrantBudget(keep_ratio=v)),
+        ("q3_share", 1.2, lambda v: QuadrantBudget(keep_ratio=0.5, q3_share=v)),
+        ("entropy_alpha", -1.0, lambda v: EntropySample(keep_ratio=0.5, alpha=v)),
+        ("budget_scope", "step", lambda v: EntropyTopK(keep_ratio=0.5, budget_scope=v)),
+        ("sampling_estimator", "x", lambda v: EntropySample(keep_ratio=0.5, estimator=v)),
+    ],
+)
+def test_a_rule_and_the_config_refuse_an_option_with_the_same_message(tmp_path, option, value, build):
+    """Validate once: the rule's constructor and TIPConfig run the registry's one check of each option."""
+    from trl_tip import TIPConfig
+
+    with pytest.raises(ValueError) as from_rule:
+        build(value)
+    rule = {"keep_ratio": "entropy_topk", "q3_share": "quadrant_budget", "entropy_alpha": "entropy_sample"}
+    rule.update(budget_scope="entropy_topk", sampling_estimator="entropy_sample")
+    with pytest.raises(ValueError) as from_config:
+        TIPConfig(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", token_selection=rule[option], **{option: value}
+        )
+    assert str(from_rule.value) == str(from_config.value) and option in str(from_rule.value)
+
+
+def test_keep_ratio_of_another_type_names_the_option():
+    with pytest.raises(ValueError, match=r"keep_ratio must be a number in \(0, 1\], got str '0.5'"):
+        EntropyTopK(keep_ratio="0.5")

@@ -14,7 +14,7 @@ from . import sstoken  # noqa: F401  (registers the sstoken rule and its options
 from ._compat import DistillationConfig, GKDConfig
 from .generation import parse_fast_generation
 from .selection import QUADRANTS, parse_quadrants
-from .selection.registry import OPTIONS, RULES, get_rule, option_default
+from .selection.registry import KEEP_RATIO, OPTIONS, RULES, check_option, get_rule, keep_ratio_defaults, option_default
 from .signals import DIVERGENCES
 
 
@@ -132,8 +132,7 @@ class TIPArguments:
         default=None,
         metadata={
             "help": "Share of the eligible tokens kept by the budgeted rules, in (0, 1]. Defaults to the rule's "
-            "default (0.5; 0.1 for q3_score and divergence_topk; 0.6 for sstoken); leave unset for `all` and "
-            "`quadrants`."
+            f"default ({keep_ratio_defaults()}); leave unset for `all` and `quadrants`."
         },
     )
     budget_scope: str | None = field(
@@ -304,8 +303,7 @@ class TIPArguments:
                     f"keep_ratio is not used by token_selection={rule.name!r}; it applies to {', '.join(budgeted)}. "
                     "Leave keep_ratio unset."
                 )
-            if not 0.0 < self.keep_ratio <= 1.0:
-                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}.")
+            check_option(KEEP_RATIO, self.keep_ratio)
         elif rule.budgeted:
             self.keep_ratio = rule.default_keep_ratio
 
@@ -326,11 +324,8 @@ class TIPArguments:
                 if name in rule.required:
                     raise ValueError(self._missing_option_message(rule.name, name))
                 setattr(self, name, option_default(rule, name))
-            value = getattr(self, name)
-            if spec.check is not None and value is not None:
-                message = spec.check(value)
-                if message:
-                    raise ValueError(message)
+            if getattr(self, name) is not None:
+                check_option(spec, getattr(self, name))
         if rule.name == "quadrants":
             self.quadrants = [QUADRANTS[i - 1] for i in parse_quadrants(self.quadrants)]
         if rule.validate is not None:

@@ -119,7 +119,8 @@ main options:
   --dataset_name NAME           a hub id, a local directory or a .json/.jsonl/.csv/.parquet file
   --output_dir DIR              checkpoints, logs (trainer_state.json) and the trained model
   --token_selection RULE        {rules}
-  --keep_ratio R                share of the tokens kept by a budgeted rule (default 0.5; 0.6 for sstoken)
+  --keep_ratio R                share of the tokens kept by a budgeted rule, in (0, 1]
+                                (default {keep_ratio_defaults})
   --use_peft true               train a LoRA adapter (--lora_r, --lora_target_modules all-linear, ...)
   --load_in_4bit true           4-bit (QLoRA) student, with --use_peft true
   --max_steps N                 optimizer steps (or --num_train_epochs N); --learning_rate LR,
@@ -135,14 +136,20 @@ all options (TRL's trainer config, token selection, model, LoRA and quantization
 
 
 def short_help() -> str:
-    """The text of `trl-tip train --help` (the rule list read from the registry, so it is never stale)."""
+    """The text of `trl-tip train --help`: the rule list, the default rule and the `keep_ratio` defaults read from
+    the registry and the config (the sources `--help-all` and the validation use), so it is never stale."""
+    import dataclasses
     import textwrap
 
+    from .config import TIPArguments
     from .selection import TOKEN_SELECTIONS
+    from .selection.registry import keep_ratio_defaults
 
-    names = [f"{name} (default)" if name == "entropy_sample" else name for name in TOKEN_SELECTIONS]
+    default = next(f.default for f in dataclasses.fields(TIPArguments) if f.name == "token_selection")
+    names = [f"{name} (default)" if name == default else name for name in TOKEN_SELECTIONS]
     lines = textwrap.wrap(", ".join(names), width=85)
-    return SHORT_HELP.replace("{rules}", ("\n" + " " * 32).join(lines))
+    text = SHORT_HELP.replace("{rules}", ("\n" + " " * 32).join(lines))
+    return text.replace("{keep_ratio_defaults}", keep_ratio_defaults())
 
 
 USAGE = "trl-tip train [--config RECIPE.yaml] [--trainer {gkd,distillation}] [OPTIONS]  (--help, --help-all)"

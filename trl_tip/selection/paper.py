@@ -14,19 +14,17 @@ import torch
 
 from ..signals import TokenSignals
 from .base import SelectionContext
-from .budget import BUDGET_SCOPES, SCORE_ORDERS, planned_budget, scoped_top_k
+from .budget import planned_budget, scoped_top_k
 from .normalize import fit_minmax, gather_finite
-from .registry import RuleSpec, register_rule
-from .rules import check_choice, check_keep_ratio
+from .registry import RuleSpec, check_option, register_rule
+from .rules import check_keep_ratio
 
 
 __all__ = ["DivergenceTopK", "Q3Score", "SoftOR", "normalized_entropy_and_divergence"]
 
 
 def _check_clip(entropy_clip_quantile: float) -> float:
-    if not 0.0 < entropy_clip_quantile <= 1.0:
-        raise ValueError(f"entropy_clip_quantile must be in (0, 1] (1 clips nothing), got {entropy_clip_quantile}.")
-    return float(entropy_clip_quantile)
+    return float(check_option("entropy_clip_quantile", entropy_clip_quantile))
 
 
 def normalized_entropy_and_divergence(
@@ -59,8 +57,8 @@ class _ScoreRule:
 
     def __init__(self, keep_ratio: float, budget_scope: str = "rollout", score_order: str = "highest"):
         self.keep_ratio = check_keep_ratio(keep_ratio)
-        self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
-        self.score_order = check_choice("score_order", score_order, SCORE_ORDERS)
+        self.budget_scope = check_option("budget_scope", budget_scope)
+        self.score_order = check_option("score_order", score_order)
 
     def scores(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover

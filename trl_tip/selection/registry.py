@@ -17,8 +17,11 @@ __all__ = [
     "RULES",
     "OptionSpec",
     "RuleSpec",
+    "KEEP_RATIO",
     "build_selector",
+    "check_option",
     "get_rule",
+    "keep_ratio_defaults",
     "one_of",
     "option_default",
     "register_option",
@@ -107,6 +110,40 @@ def one_of(name: str, allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
         return None if value in allowed else f"{name}={value!r} is unknown; allowed values: {', '.join(allowed)}."
 
     return check
+
+
+def _keep_ratio(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"keep_ratio must be a number in (0, 1], got {type(value).__name__} {value!r}."
+    return None if 0.0 < value <= 1.0 else f"keep_ratio must be in (0, 1], got {value}."
+
+
+# The budget option of every budgeted rule (its default is the rule's `default_keep_ratio`).
+KEEP_RATIO = OptionSpec("keep_ratio", None, _keep_ratio)
+
+
+def check_option(name: str | OptionSpec, value: Any) -> Any:
+    """`value` if the option's registered check accepts it, else a `ValueError` with the check's message naming the
+    option and its allowed values: the one check a rule's constructor and the config validation both run."""
+    spec = name if isinstance(name, OptionSpec) else OPTIONS[name]
+    problem = None if spec.check is None else spec.check(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def keep_ratio_defaults() -> str:
+    """The default `keep_ratio` of the budgeted rules, as the help texts show it: the most common default, then the
+    rules with another one, e.g. `"0.5; 0.1 for q3_score, divergence_topk; 0.6 for sstoken"`."""
+    by_value: dict[float, list[str]] = {}
+    for spec in RULES.values():
+        if spec.budgeted:
+            by_value.setdefault(spec.default_keep_ratio, []).append(spec.name)
+    if not by_value:
+        return ""
+    common = max(by_value, key=lambda value: len(by_value[value]))
+    others = [f"{value:g} for {', '.join(names)}" for value, names in by_value.items() if value != common]
+    return "; ".join([f"{common:g}", *others])
 
 
 def option_default(rule: RuleSpec, name: str) -> Any:

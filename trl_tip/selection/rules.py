@@ -25,7 +25,7 @@ from .budget import (
     scoped_top_k,
 )
 from .normalize import nan_quantile
-from .registry import OptionSpec, RuleSpec, one_of, register_option, register_rule
+from .registry import KEEP_RATIO, OptionSpec, RuleSpec, check_option, one_of, register_option, register_rule
 
 
 __all__ = [
@@ -44,19 +44,46 @@ __all__ = [
 SAMPLING_ESTIMATORS = ("fixed_budget", "importance_weighted")
 
 
+# The rule-specific options, each checked once: by `TIPArguments` validation and by the rules' constructors
+# (`check_option`).
+def _non_negative(name: str):
+    def check(value) -> str | None:
+        return None if value >= 0 else f"{name} must be >= 0, got {value}."
+
+    return check
+
+
+def _unit_interval(name: str):
+    def check(value) -> str | None:
+        return None if 0.0 <= value <= 1.0 else f"{name} must be in [0, 1], got {value}."
+
+    return check
+
+
+def _clip_quantile(value) -> str | None:
+    if 0.0 < value <= 1.0:
+        return None
+    return f"entropy_clip_quantile must be in (0, 1] (1 clips nothing), got {value}."
+
+
+register_option(OptionSpec("entropy_alpha", 1.0, _non_negative("entropy_alpha")))
+register_option(OptionSpec("divergence_gamma", 1.0, _non_negative("divergence_gamma")))
+register_option(OptionSpec("q3_share", 0.5, _unit_interval("q3_share")))
+register_option(OptionSpec("quadrants"))
+register_option(OptionSpec("budget_scope", "batch", one_of("budget_scope", BUDGET_SCOPES)))
+register_option(OptionSpec("score_order", "highest", one_of("score_order", SCORE_ORDERS)))
+register_option(OptionSpec("entropy_clip_quantile", 0.98, _clip_quantile))
+register_option(OptionSpec("sampling_estimator", "fixed_budget", one_of("sampling_estimator", SAMPLING_ESTIMATORS)))
+
+
 def check_keep_ratio(keep_ratio: float) -> float:
-    """`keep_ratio` as a float, or a `ValueError` if it is not in `(0, 1]`."""
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
-    return float(keep_ratio)
+    """`keep_ratio` as a float, or a `ValueError` if it is not a number in `(0, 1]` (the registry's one check)."""
+    return float(check_option(KEEP_RATIO, keep_ratio))
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     """`value`, or a `ValueError` naming the option `name` and the allowed values."""
-    problem = one_of(name, allowed)(value)
-    if problem is not None:
-        raise ValueError(problem)
-    return value
+    return check_option(OptionSpec(name, check=one_of(name, allowed)), value)
 
 
 class AllTokens:
@@ -106,12 +133,10 @@ class EntropyDivergenceSample:
         estimator: str = "fixed_budget",
     ):
         self.keep_ratio = check_keep_ratio(keep_ratio)
-        if alpha < 0 or gamma < 0:
-            raise ValueError(f"alpha and gamma must be >= 0, got alpha={alpha}, gamma={gamma}.")
-        self.alpha = float(alpha)
-        self.gamma = float(gamma)
-        self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
-        self.estimator = check_choice("sampling_estimator", estimator, SAMPLING_ESTIMATORS)
+        self.alpha = float(check_option("entropy_alpha", alpha))
+        self.gamma = float(check_option("divergence_gamma", gamma))
+        self.budget_scope = check_option("budget_scope", budget_scope)
+        self.estimator = check_option("sampling_estimator", estimator)
 
     def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
         """Loss denominator of rollouts of `lengths` tokens: the budget, or every eligible token for the
@@ -195,8 +220,8 @@ class EntropyTopK:
 
     def __init__(self, keep_ratio: float, budget_scope: str = "batch", score_order: str = "highest"):
         self.keep_ratio = check_keep_ratio(keep_ratio)
-        self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
-        self.score_order = check_choice("score_order", score_order, SCORE_ORDERS)
+        self.budget_scope = check_option("budget_scope", budget_scope)
+        self.score_order = check_option("score_order", score_order)
 
     def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
         """Loss denominator of rollouts of `lengths` tokens (`⌊keep_ratio · m⌋`, or `keep_ratio · m` per batch)."""
@@ -274,10 +299,8 @@ class QuadrantBudget:
 
     def __init__(self, keep_ratio: float, q3_share: float = 0.5, budget_scope: str = "batch"):
         self.keep_ratio = check_keep_ratio(keep_ratio)
-        if not 0.0 <= q3_share <= 1.0:
-            raise ValueError(f"q3_share must be in [0, 1], got {q3_share}.")
-        self.q3_share = float(q3_share)
-        self.budget_scope = check_choice("budget_scope", budget_scope, BUDGET_SCOPES)
+        self.q3_share = float(check_option("q3_share", q3_share))
+        self.budget_scope = check_option("budget_scope", budget_scope)
 
     def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
         """Loss denominator of rollouts of `lengths` tokens: the budget `K` (fewer are kept when Q1–Q3 hold fewer)."""
@@ -308,35 +331,6 @@ class QuadrantBudget:
 
 # ---------------------------------------------------------------------------------------------------- registry
 
-
-def _non_negative(name: str):
-    def check(value) -> str | None:
-        return None if value >= 0 else f"{name} must be >= 0, got {value}."
-
-    return check
-
-
-def _unit_interval(name: str):
-    def check(value) -> str | None:
-        return None if 0.0 <= value <= 1.0 else f"{name} must be in [0, 1], got {value}."
-
-    return check
-
-
-def _clip_quantile(value) -> str | None:
-    if 0.0 < value <= 1.0:
-        return None
-    return f"entropy_clip_quantile must be in (0, 1] (1 clips nothing), got {value}."
-
-
-register_option(OptionSpec("entropy_alpha", 1.0, _non_negative("entropy_alpha")))
-register_option(OptionSpec("divergence_gamma", 1.0, _non_negative("divergence_gamma")))
-register_option(OptionSpec("q3_share", 0.5, _unit_interval("q3_share")))
-register_option(OptionSpec("quadrants"))
-register_option(OptionSpec("budget_scope", "batch", one_of("budget_scope", BUDGET_SCOPES)))
-register_option(OptionSpec("score_order", "highest", one_of("score_order", SCORE_ORDERS)))
-register_option(OptionSpec("entropy_clip_quantile", 0.98, _clip_quantile))
-register_option(OptionSpec("sampling_estimator", "fixed_budget", one_of("sampling_estimator", SAMPLING_ESTIMATORS)))
 
 register_rule(RuleSpec("all", lambda args: AllTokens(), budgeted=False, summary="every completion token (GKD's loss)"))
 register_rule(
