@@ -14,9 +14,23 @@ from . import sstoken  # noqa: F401  (registers the sstoken rule and its options
 from ._compat import DistillationConfig, GKDConfig
 from .generation import parse_fast_generation
 from .selection import QUADRANTS, parse_quadrants
-from .selection.registry import KEEP_RATIO, OPTIONS, RULES, check_option, get_rule, keep_ratio_defaults, option_default
+from .selection.base import reads_teacher_signals
+from .selection.registry import (
+    KEEP_RATIO,
+    OPTIONS,
+    RULES,
+    OptionSpec,
+    build_selector,
+    check_option,
+    get_rule,
+    keep_ratio_defaults,
+    one_of,
+    option_default,
+)
 from .signals import DIVERGENCES
 
+
+TEACHER_SIGNALS = ("all", "kept")
 
 __all__ = ["TIPArguments", "TIPConfig", "TIPDistillationConfig", "TIPGenerationArguments"]
 
@@ -92,6 +106,13 @@ class TIPArguments:
             Likewise for the divergence split.
         tip_chunk_size (`int`, *optional*, defaults to `1024`):
             Positions whose full-vocabulary logits are materialised at once, in the signals and in the loss.
+        teacher_signals (`str`, *optional*, defaults to `"all"`):
+            `"all"`: the teacher's logits and signals on every eligible token, so the Q1–Q4 statistics cover every
+            token. `"kept"`: for a rule that reads no signal of the teacher (`entropy_topk`, `entropy_sample`,
+            `random`, `entropy_divergence_sample` with `divergence_gamma=0`), the teacher's `lm_head` runs on the
+            kept tokens only, in the loss pass (the selection is the same); the quadrant split, the `tip/q*/...`
+            metrics and `tip/divergence`, `tip/teacher_*` then describe the kept tokens, and the records hold NaN
+            teacher signals on the dropped ones. An error for a rule that reads the teacher's signals.
 
         > Parameters of the `sstoken` rule (leave unset for other rules)
 
@@ -226,6 +247,15 @@ class TIPArguments:
     tip_chunk_size: int = field(
         default=1024,
         metadata={"help": "Positions whose full-vocabulary logits are materialised at once (signals and loss)."},
+    )
+    teacher_signals: str = field(
+        default="all",
+        metadata={
+            "help": "`all`: the teacher's signals on every eligible token (complete Q1-Q4 statistics). `kept`: for a "
+            "rule that reads no teacher signal (entropy_topk, entropy_sample, random), the teacher's lm_head runs on "
+            "the kept tokens only; the Q1-Q4 and teacher statistics then describe the kept tokens.",
+            "choices": list(TEACHER_SIGNALS),
+        },
     )
 
     sstoken_gamma: float | None = field(
@@ -392,6 +422,15 @@ class TIPArguments:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
         if self.tip_chunk_size < 1:
             raise ValueError(f"tip_chunk_size must be >= 1, got {self.tip_chunk_size}.")
+        check_option(
+            OptionSpec("teacher_signals", check=one_of("teacher_signals", TEACHER_SIGNALS)), self.teacher_signals
+        )
+        if self.teacher_signals == "kept" and reads_teacher_signals(build_selector(self)):
+            raise ValueError(
+                f"teacher_signals='kept' needs a rule that reads no signal of the teacher (e.g. entropy_topk, "
+                f"entropy_sample, random); token_selection={self.token_selection!r} reads the teacher's signals on "
+                "every token. Leave teacher_signals='all'."
+            )
 
 
 @cache

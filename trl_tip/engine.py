@@ -18,9 +18,10 @@ import torch
 from transformers.utils import logging
 
 from .loss import OutputHead, SignalPlan, chunked_pass, gathered_heads
-from .selection import TokenSelector, planned_kept, validate_selection
-from .selection.context import Processes, QuadrantSplit, build_context, selection_seed
-from .signals import DIVERGENCES, SIGNAL_NAMES, TokenSignals
+from .selection import TokenSelector, assign_quadrants, planned_kept, validate_selection
+from .selection.base import LOGIT_SIGNAL_NAMES, reads_teacher_signals
+from .selection.context import Processes, QuadrantSplit, build_context, quadrant_thresholds, selection_seed
+from .signals import DIVERGENCES, SIGNAL_NAMES, STUDENT_SIGNALS, TokenSignals
 from .stats import TIPStatistics
 
 
@@ -177,6 +178,7 @@ class TokenSelectionEngine:
         self.divergence = args.divergence
         self.divergence_top_k = args.divergence_top_k
         self.chunk_size = args.tip_chunk_size
+        self.teacher_signals = getattr(args, "teacher_signals", "all")
         self.beta = float(beta)
         self.temperature = float(temperature)
         self.seed = int(seed)
@@ -200,7 +202,7 @@ class TokenSelectionEngine:
         if not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
         requires = frozenset(getattr(selector, "requires", ()))
-        allowed = tuple(dict.fromkeys((*MODEL_SIGNALS, *SIGNAL_NAMES, *DIVERGENCES)))
+        allowed = tuple(dict.fromkeys((*MODEL_SIGNALS, *sorted(LOGIT_SIGNAL_NAMES))))
         unknown = sorted(requires - set(allowed))
         if unknown:
             raise ValueError(
@@ -227,7 +229,11 @@ class TokenSelectionEngine:
         """The per-token signals of the logits the chunked pass computes: the axes, and the further divergences the
         selector requires (passed to it in `context.extras`)."""
         divergences = tuple(name for name in DIVERGENCES if name in self.requires and name not in SIGNAL_NAMES)
-        return SignalPlan(self.divergence, self.divergence_top_k, divergences)
+        # teacher_signals="kept" and a rule that reads no teacher signal: the teacher's head runs on the kept tokens
+        # only (in the loss pass); a rule that keeps every token takes its loss in the signals pass anyway.
+        student_only = self.teacher_signals == "kept" and not self.keeps_every_token
+        student_only = student_only and not reads_teacher_signals(self.selector)
+        return SignalPlan(self.divergence, self.divergence_top_k, divergences, teacher=not student_only)
 
     @property
     def keeps_every_token(self) -> bool:
@@ -339,7 +345,13 @@ class TokenSelectionEngine:
         weights, quadrant, thresholds = self.select(signals, extras, global_step, training)
         if not one_pass:
             kept = (weights > 0).nonzero(as_tuple=True)[0]
-            loss_sum, _ = chunked_pass(hidden[kept], teacher_hidden[kept], *heads, weights=weights[kept], **kwargs)
+            # After student-only signals, the teacher's side of the kept tokens comes with their loss.
+            kept_plan = None if plan.teacher else SignalPlan(self.divergence, self.divergence_top_k)
+            kept_rows = (hidden[kept], teacher_hidden[kept], *heads, batch.targets[kept], weights[kept], kept_plan)
+            loss_sum, kept_values = chunked_pass(*kept_rows, **kwargs)
+            if kept_plan is not None:
+                signals, quadrant, thresholds = self._with_kept_teacher_signals(signals, kept, kept_values)
+                weights = torch.where(signals.finite, weights, torch.zeros_like(weights))
         lengths = step.rollout_lengths
         if lengths is None:
             # The micro-batch's own rollouts (over all processes in training, as the base count covers them).
@@ -374,6 +386,21 @@ class TokenSelectionEngine:
         for observer in self.observers:
             observer.on_selection(record, self)
         return loss, record
+
+    def _with_kept_teacher_signals(self, signals: TokenSignals, kept: torch.Tensor, values: dict[str, torch.Tensor]):
+        """`teacher_signals="kept"`: the student-only signals completed with the teacher's side of the kept tokens
+        (NaN on the dropped ones; a kept token whose teacher logits are not finite is dropped), and the quadrant split
+        of the tokens whose divergence is known, the kept ones (quadrant 0 for the others): what the statistics
+        describe then."""
+        merged = {name: getattr(signals, name) for name in STUDENT_SIGNALS}
+        for name in set(SIGNAL_NAMES) - set(STUDENT_SIGNALS):
+            merged[name] = torch.full_like(signals.entropy, float("nan")).index_copy(0, kept, values[name])
+        finite = signals.finite.index_copy(0, kept, signals.finite[kept] & values["finite"])
+        signals = TokenSignals(**merged, finite=finite, seq_idx=signals.seq_idx, pos_idx=signals.pos_idx)
+        thresholds = quadrant_thresholds(signals, self.split, self.processes.gather_rows)
+        quadrant = assign_quadrants(signals.entropy, signals.divergence, *thresholds)
+        quadrant = torch.where(finite & ~signals.divergence.isnan(), quadrant, torch.zeros_like(quadrant))
+        return signals, quadrant, thresholds
 
     def loss_denominator(
         self, rollout_lengths: torch.Tensor, base_count: torch.Tensor | float | None = None, num_processes: int = 1

@@ -25,6 +25,7 @@ _GLOBAL = (
     "loss",
     "teacher_entropy",
     "teacher_token_prob",
+    "teacher_tokens",  # finite tokens whose teacher signals are known (all but with teacher_signals="kept")
 )
 
 QUADRANT_NAMES = {1: "Q1 high H, high D", 2: "Q2 high H, low D", 3: "Q3 low H, high D", 4: "Q4 low H, low D"}
@@ -100,15 +101,23 @@ class TIPStatistics:
         # Masks multiply instead of indexing, so that an update never waits for the GPU.
         dev = self.device
         f = signals.finite.to(dev, torch.float64)
-        q = quadrant.to(dev).long().clamp(min=1) - 1
+        # The tokens with known teacher signals: every finite one, but only the kept ones with
+        # teacher_signals="kept" (NaN teacher signals and quadrant 0 on the others); the quadrants describe these.
+        quadrant = quadrant.to(dev).long()
+        known = f * (quadrant > 0).double()
+        q = quadrant.clamp(min=1) - 1
+
+        def known_sum(value: torch.Tensor) -> torch.Tensor:
+            return torch.where(known > 0, value.to(dev, torch.float64), 0.0)
+
         kept = (weights.to(dev) > 0).double() * f
         values = torch.stack(
             [
-                f,
-                kept,
-                signals.entropy.to(dev, torch.float64) * f,
-                signals.divergence.to(dev, torch.float64) * f,
-                signals.loss.to(dev, torch.float64) * f,
+                known,
+                kept * known,
+                signals.entropy.to(dev, torch.float64) * known,
+                known_sum(signals.divergence),
+                known_sum(signals.loss),
             ],
             dim=1,
         )
@@ -122,11 +131,12 @@ class TIPStatistics:
         t[_GLOBAL.index("entropy_threshold")] += torch.as_tensor(entropy_threshold, dtype=torch.float64).to(dev)
         t[_GLOBAL.index("divergence_threshold")] += torch.as_tensor(divergence_threshold, dtype=torch.float64).to(dev)
         t[_GLOBAL.index("micro_steps")] += 1
-        t[_GLOBAL.index("entropy")] += values[:, 2].sum()
+        t[_GLOBAL.index("entropy")] += (signals.entropy.to(dev, torch.float64) * f).sum()
         t[_GLOBAL.index("divergence")] += values[:, 3].sum()
         t[_GLOBAL.index("loss")] += values[:, 4].sum()
-        t[_GLOBAL.index("teacher_entropy")] += (signals.teacher_entropy.to(dev, torch.float64) * f).sum()
-        t[_GLOBAL.index("teacher_token_prob")] += (signals.teacher_log_prob.to(dev, torch.float64).exp() * f).sum()
+        t[_GLOBAL.index("teacher_entropy")] += known_sum(signals.teacher_entropy).sum()
+        t[_GLOBAL.index("teacher_token_prob")] += known_sum(signals.teacher_log_prob.exp()).sum()
+        t[_GLOBAL.index("teacher_tokens")] += known.sum()
 
     def compute(
         self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None, num_steps: int = 1
@@ -155,12 +165,12 @@ class TIPStatistics:
         def ratio(a: float, b: float) -> float:
             return float(a / b) if b > 0 else 0.0
 
-        eligible, loss_total = tot["eligible"], tot["loss"]
+        eligible, loss_total, known = tot["eligible"], tot["loss"], tot["teacher_tokens"]
         metrics: dict[str, float] = {}
         for q in range(4):
             count, kept, ent, div, loss = per_q[q].tolist()
             prefix = f"{METRIC_PREFIX}/q{q + 1}"
-            metrics[f"{prefix}/frac"] = ratio(count, eligible)
+            metrics[f"{prefix}/frac"] = ratio(count, known)
             metrics[f"{prefix}/kept_frac"] = ratio(kept, count)
             metrics[f"{prefix}/entropy"] = ratio(ent, count)
             metrics[f"{prefix}/divergence"] = ratio(div, count)
@@ -173,9 +183,9 @@ class TIPStatistics:
         metrics[f"{METRIC_PREFIX}/tokens_kept"] = tot["kept"] / steps
         metrics[f"{METRIC_PREFIX}/skipped_nonfinite"] = tot["skipped_nonfinite"] / steps
         metrics[f"{METRIC_PREFIX}/entropy"] = ratio(tot["entropy"], eligible)
-        metrics[f"{METRIC_PREFIX}/divergence"] = ratio(tot["divergence"], eligible)
-        metrics[f"{METRIC_PREFIX}/teacher_entropy"] = ratio(tot["teacher_entropy"], eligible)
-        metrics[f"{METRIC_PREFIX}/teacher_token_prob"] = ratio(tot["teacher_token_prob"], eligible)
+        metrics[f"{METRIC_PREFIX}/divergence"] = ratio(tot["divergence"], known)
+        metrics[f"{METRIC_PREFIX}/teacher_entropy"] = ratio(tot["teacher_entropy"], known)
+        metrics[f"{METRIC_PREFIX}/teacher_token_prob"] = ratio(tot["teacher_token_prob"], known)
         return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -185,7 +195,11 @@ class TIPStatistics:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restores sums saved by [`state_dict`]."""
         self.per_quadrant = state["per_quadrant"].to(self.device, torch.float64)
-        self.totals = state["totals"].to(self.device, torch.float64)
+        totals = state["totals"].to(self.device, torch.float64)
+        if totals.numel() == len(_GLOBAL) - 1:
+            # A checkpoint from before `teacher_tokens` was counted: the teacher's signals were known on every token.
+            totals = torch.cat([totals, totals[_GLOBAL.index("eligible")].reshape(1)])
+        self.totals = totals
 
 
 def format_quadrant_table(logs: dict[str, float]) -> str:

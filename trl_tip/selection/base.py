@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..signals import TokenSignals
+from ..signals import DIVERGENCES, SIGNAL_NAMES, STUDENT_SIGNALS, TokenSignals
 from .budget import gumbel_keys
 
 
@@ -21,6 +21,8 @@ __all__ = [
     "assign_quadrants",
     "budget",
     "planned_kept",
+    "reads_teacher_signals",
+    "required_signals",
     "sample_without_replacement",
     "top_k_mask",
     "validate_selection",
@@ -77,9 +79,12 @@ class TokenSelector(Protocol):
     if it has one, the number of tokens a rule plans to keep of rollouts of `lengths` eligible tokens; else every
     eligible token). So the loss of a step does not depend on how its rows are split into micro-batches or processes.
 
-    A selector declares what it reads in a `requires` attribute: further divergences of the logits (`"jsd"`,
-    `"reverse_kl"`, `"forward_kl"`) and inputs computed by the trainer (e.g. ssToken's), which it receives in
-    `context.extras`, computed only when required. A selector that keeps every finite token with weight 1 may say so
+    A selector declares what it reads in a `requires` attribute: the signals of the logits it reads (`TokenSignals`
+    fields such as `"entropy"` or `"divergence"`, and `"finite"`; a selector that names none of them is taken to read
+    them all, see [`required_signals`]), further divergences (`"jsd"`, `"reverse_kl"`, `"forward_kl"`) and inputs
+    computed by the trainer (e.g. ssToken's); the last two it receives in `context.extras`, computed only when
+    required. A selector that reads no signal of the teacher (`requires={"entropy", "finite"}`) lets
+    `teacher_signals="kept"` run the teacher's head on its kept tokens only. A selector that keeps every finite token with weight 1 may say so
     with `keeps_every_token = True`: it is then not called, and its loss is taken in the signals pass.
 
     A selector that needs state across steps keeps it itself or in a `TrainerCallback`; a selector with a
@@ -87,6 +92,28 @@ class TokenSelector(Protocol):
     """
 
     def __call__(self, signals: TokenSignals, context: SelectionContext) -> torch.Tensor: ...
+
+
+# The names a rule may list in `requires` for the signals of the logits it reads (`finite` included, so that a rule
+# reading nothing but the finiteness can say so).
+LOGIT_SIGNAL_NAMES = frozenset({*SIGNAL_NAMES, *DIVERGENCES, "finite"})
+TOKEN_SIGNALS = frozenset({*SIGNAL_NAMES, "finite"})
+
+
+def required_signals(selector) -> frozenset[str]:
+    """What `selector` reads, from its `requires`: as declared when that names a signal of the logits (a
+    `TokenSignals` field, or `finite`); otherwise (no `requires`, or only further divergences and inputs computed by
+    the trainer) every `TokenSignals` signal besides what it lists: a rule that does not declare them reads them all."""
+    requires = frozenset(getattr(selector, "requires", ()))
+    if requires & TOKEN_SIGNALS:
+        return requires
+    return requires | TOKEN_SIGNALS
+
+
+def reads_teacher_signals(selector) -> bool:
+    """Whether `selector` reads a signal of the teacher's logits (anything but the student's entropy and
+    log-probability and the finiteness): if not, the teacher's head need not run on the tokens it drops."""
+    return bool((required_signals(selector) & LOGIT_SIGNAL_NAMES) - {*STUDENT_SIGNALS, "finite"})
 
 
 def assign_quadrants(

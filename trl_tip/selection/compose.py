@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..signals import TokenSignals
-from .base import SelectionContext, planned_kept, validate_selection
+from .base import TOKEN_SIGNALS, SelectionContext, planned_kept, required_signals, validate_selection
 
 
 __all__ = ["Intersect", "Union"]
@@ -23,7 +23,12 @@ class _Combine:
             if not callable(selector):
                 raise TypeError(f"{type(self).__name__}: {name} selector must be callable, got {selector!r}.")
         self.first, self.second = first, second
-        self.requires = frozenset(getattr(first, "requires", ())) | frozenset(getattr(second, "requires", ()))
+        declared = [frozenset(getattr(part, "requires", ())) for part in (first, second)]
+        # A part that does not declare its signals reads them all: the union says so once the other part declares.
+        if any(names & TOKEN_SIGNALS for names in declared):
+            self.requires = required_signals(first) | required_signals(second)
+        else:
+            self.requires = declared[0] | declared[1]
 
     def _masks(self, signals: TokenSignals, context: SelectionContext) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(signals)

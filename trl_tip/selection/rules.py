@@ -137,6 +137,8 @@ class EntropyDivergenceSample:
         self.gamma = float(check_option("divergence_gamma", gamma))
         self.budget_scope = check_option("budget_scope", budget_scope)
         self.estimator = check_option("sampling_estimator", estimator)
+        # What it reads: a pure entropy (or uniform) draw needs no teacher signal.
+        self.requires = frozenset({"entropy", "finite"} | ({"divergence"} if self.gamma != 0 else set()))
 
     def planned_kept(self, lengths: torch.Tensor) -> torch.Tensor:
         """Loss denominator of rollouts of `lengths` tokens: the budget, or every eligible token for the
@@ -201,6 +203,7 @@ class RandomTokens(EntropyDivergenceSample):
 
     def __init__(self, keep_ratio: float, budget_scope: str = "batch"):
         super().__init__(keep_ratio, alpha=0.0, gamma=0.0, budget_scope=budget_scope)
+        self.requires = frozenset({"finite"})
 
     def weights(self, signals: TokenSignals) -> torch.Tensor:
         return signals.finite.float()
@@ -217,6 +220,8 @@ class EntropyTopK:
     the same cut; tokens at or above it (at or below it) are kept, ties at the cut included. `budget_scope="rollout"`:
     the `⌊keep_ratio · m⌋` tokens of highest (lowest) entropy of each rollout.
     """
+
+    requires = frozenset({"entropy", "finite"})
 
     def __init__(self, keep_ratio: float, budget_scope: str = "batch", score_order: str = "highest"):
         self.keep_ratio = check_keep_ratio(keep_ratio)
