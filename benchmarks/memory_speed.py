@@ -222,6 +222,11 @@ def make_model(size: str, vocab_size: int, tiny: bool, device: torch.device, dty
     # which random weights sample with probability ~1/V per token: its token counts are measured, not assumed.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    # `use_cache=False` above (training) was copied into the generation config, and `generate` fills what a trainer's
+    # generation config leaves unset from it: TRL's DistillationTrainer (and TIPDistillationTrainer's default path)
+    # would decode without a KV cache, re-running the whole sequence at every token. A Hub checkpoint's generation
+    # config leaves it unset (True). GKDTrainer sets `use_cache=False` itself under gradient checkpointing, as in use.
+    model.generation_config.use_cache = True
     return model
 
 
