@@ -85,6 +85,11 @@ def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
         sum(v for k, v in fast.profile_s.items() if k not in ("step", "selection")), fast.profile_s["step"]
     )
     assert len(list(tmp_path.glob("profile_TIP_fast_*.txt"))) == 1
+    # Launches and host reads per decode forward of the profiled generation (no CUDA runtime calls on a CPU; the stop
+    # check reads a device value at every step).
+    line = next(x for x in out.splitlines() if "per decode forward (8 in the step)" in x)
+    assert "0.0 kernel launches, 0.00 CUDA graph launches, 0.00 synchronisations" in line
+    assert float(line.split("synchronisations, ")[1].split(" host reads")[0]) >= 1
     rows = bench.generation_rows(results)
     assert [(row["shape"], row["grad_accum"], row["rule"]) for row in rows] == [
         ("2x(16+8)", 2, r.rule) for r in results
