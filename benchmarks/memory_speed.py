@@ -222,6 +222,11 @@ def make_model(size: str, vocab_size: int, tiny: bool, device: torch.device, dty
     # which random weights sample with probability ~1/V per token: its token counts are measured, not assumed.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    # `use_cache=False` above (training) was copied into the generation config, and `generate` fills what a trainer's
+    # generation config leaves unset from it: TRL's DistillationTrainer (and TIPDistillationTrainer's default path)
+    # would decode without a KV cache, re-running the whole sequence at every token. A Hub checkpoint's generation
+    # config leaves it unset (True). GKDTrainer sets `use_cache=False` itself under gradient checkpointing, as in use.
+    model.generation_config.use_cache = True
     return model
 
 
@@ -685,7 +690,7 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
                     result.kept_frac = float(stats.get("tip/kept_frac", float("nan")))
             if ns.profile and rule.label in ns.profile_rules:
                 data = make_step(ns, step, b, t, device)
-                result.profile_s = profile_step(trainer, rule, data, shape, ns, phases, timer, device)
+                result.profile_s = profile_step(trainer, rule, data, shape, ns, phases, timer, device, student)
     except torch.OutOfMemoryError as exc:  # keep going: the next row may fit
         oom = True
         result.status = "OOM"
@@ -714,10 +719,44 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
     return result
 
 
-def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, device) -> dict[str, float]:
+GENERATION_RANGE = "benchmark::generate"
+
+
+def decode_launches(prof, forwards: int) -> dict[str, float]:
+    """Per decode forward of the profiled step's generation (`GENERATION_RANGE`): CUDA kernel launches, CUDA graph
+    launches, stream/device synchronisations, host reads of a device value (`aten::_local_scalar_dense`, e.g. the
+    stop check) and `torch.compile` CUDA-graph skips so far. A decode step replayed as one CUDA graph shows ~1 graph
+    launch and only the eager glue of `generate` (sampler, stop check) as kernel launches; a compiled step whose CUDA
+    graphs were skipped launches every kernel of the forward."""
+    from torch._dynamo.utils import counters
+
+    events = prof.events()
+    ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == GENERATION_RANGE]
+    counts = dict.fromkeys(("kernel_launches", "graph_launches", "syncs", "host_reads"), 0)
+    for e in events:
+        name = e.name
+        if "LaunchKernel" in name:
+            key = "kernel_launches"
+        elif "GraphLaunch" in name:
+            key = "graph_launches"
+        elif "Synchronize" in name:
+            key = "syncs"
+        elif name == "aten::_local_scalar_dense":
+            key = "host_reads"
+        else:
+            continue
+        if any(start <= e.time_range.start <= end for start, end in ranges):
+            counts[key] += 1
+    per = {k: v / max(forwards, 1) for k, v in counts.items()}
+    per["cudagraph_skips"] = float(counters["inductor"]["cudagraph_skips"])
+    return per
+
+
+def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, device, student=None) -> dict[str, float]:
     """Phases of one step (synchronised wall time) and, on CUDA, its top kernels (torch.profiler); returns the seconds
-    of each phase, `other`, `selection` (trl-tip rows) and the whole `step`."""
-    from torch.profiler import ProfilerActivity, profile
+    of each phase, `other`, `selection` (trl-tip rows) and the whole `step`. With `student`, also the launches per
+    decode forward of its generation ([`decode_launches`], printed)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     phases.wrap(trainer, "compute_loss", "loss forward")
     phases.wrap(trainer.accelerator, "backward", "backward")
@@ -728,11 +767,23 @@ def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, devi
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     start = time.perf_counter()
-    with profile(activities=activities, record_shapes=False) as prof:
-        one_step(trainer, rule, data, ns)
-        sync(device)
+    generate = student.generate if student is not None else None
+    if student is not None:
+
+        def labelled(*args, **kwargs):
+            with record_function(GENERATION_RANGE):
+                return generate(*args, **kwargs)
+
+        student.generate = labelled
+    try:
+        with profile(activities=activities, record_shapes=False) as prof:
+            one_step(trainer, rule, data, ns)
+            sync(device)
+    finally:
+        if student is not None:
+            student.generate = generate  # the PhaseTimer's wrapper, restored by it
     total = time.perf_counter() - start
-    totals, _ = phases.take()
+    totals, forwards = phases.take()
     selection = timer.take() if timer else 0.0
     parts = [f"{name} {seconds:.3f} s ({100 * seconds / total:.0f}%)" for name, seconds in totals.items()]
     other = total - sum(totals.values())
@@ -742,6 +793,15 @@ def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, devi
     print(
         f"  profile {rule.label} {shape} GA={ns.grad_accum}: step {total:.3f} s (under the profiler) = {'; '.join(parts)}"
     )
+    if student is not None and forwards:
+        launches = decode_launches(prof, forwards)
+        print(
+            f"    per decode forward ({forwards} in the step): {launches['kernel_launches']:.1f} kernel launches, "
+            f"{launches['graph_launches']:.2f} CUDA graph launches, {launches['syncs']:.2f} synchronisations, "
+            f"{launches['host_reads']:.2f} host reads of a device value; cudagraph skips so far "
+            f"{launches['cudagraph_skips']:.0f} (TORCH_LOGS=perf_hints prints why)",
+            flush=True,
+        )
     try:
         table = prof.key_averages().table(
             sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40

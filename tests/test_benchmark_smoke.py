@@ -85,6 +85,11 @@ def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
         sum(v for k, v in fast.profile_s.items() if k not in ("step", "selection")), fast.profile_s["step"]
     )
     assert len(list(tmp_path.glob("profile_TIP_fast_*.txt"))) == 1
+    # Launches and host reads per decode forward of the profiled generation (no CUDA runtime calls on a CPU; the stop
+    # check reads a device value at every step).
+    line = next(x for x in out.splitlines() if "per decode forward (8 in the step)" in x)
+    assert "0.0 kernel launches, 0.00 CUDA graph launches, 0.00 synchronisations" in line
+    assert float(line.split("synchronisations, ")[1].split(" host reads")[0]) >= 1
     rows = bench.generation_rows(results)
     assert [(row["shape"], row["grad_accum"], row["rule"]) for row in rows] == [
         ("2x(16+8)", 2, r.rule) for r in results
@@ -95,3 +100,51 @@ def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     assert "| 2x(16+8) | 2 | TIP fast entropy_sample 50% |" in table and table in out
     saved = json.loads((tmp_path / "e2e.json").read_text())
     assert [r["rule"] for r in saved["results"]] == [r.rule for r in results]
+
+
+@pytest.mark.slow
+def test_memory_speed_rows_decode_with_the_kv_cache_their_trainer_uses():
+    """The harness's models decode as a Hub checkpoint does: TRL's DistillationTrainer (and TIPDistillationTrainer's
+    default path, which runs TRL's generation) with a KV cache, one new token per decode forward; GKDTrainer, whose
+    own generation config sets `use_cache=False` under gradient checkpointing, re-runs the whole sequence."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    bench = _load()
+    ns = argparse.Namespace(
+        generation=True,
+        prompt=8,
+        prompt_jitter=2,
+        grad_accum=1,
+        vocab=64,
+        seed=0,
+        max_new_tokens=4,
+        device="cpu",
+        precision="bf16",
+        chunk_size=None,
+        pad_to_multiple_of=8,
+    )
+    device = torch.device("cpu")
+    tokenizer = bench.make_tokenizer(ns.vocab)
+    student = bench.make_model("0.5B", ns.vocab, True, device, torch.float32, 0)
+    teacher = bench.make_model("1.5B", ns.vocab, True, device, torch.float32, 1).eval()
+    widths = {}
+    for rule in bench.parse_rules("gkd,dist,distdyn/all,dyn/all"):
+        seen = widths.setdefault(rule.label, [])
+
+        def record(module, args, kwargs, _seen=seen):
+            if not torch.is_grad_enabled():  # generation (the loss forwards run with grad)
+                _seen.append(kwargs["input_ids"].size(1))
+
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer = bench.build_trainer(rule, student, teacher, tokenizer, ns, 2, output_dir)
+            handle = student.register_forward_pre_hook(record, with_kwargs=True)
+            try:
+                bench.one_step(trainer, rule, bench.make_step(ns, 0, 2, 0, device), ns)
+            finally:
+                handle.remove()
+    assert widths["DistillationTrainer"] == widths["TIPDist dynamic all"] == [8, 1, 1, 1]
+    assert widths["TIP dynamic all"] == [8, 1, 1, 1]
+    assert widths["GKDTrainer"] == [8, 9, 10, 11]

@@ -14,7 +14,7 @@ import torch
 from conftest import RecordSelections, dist_args, left_tokenizer, prompt_dataset
 
 from trl_tip import TIPDistillationConfig, TIPDistillationTrainer, metric_names
-from trl_tip._compat import DistillationConfig, DistillationTrainer
+from trl_tip._compat import DistillationConfig, DistillationTrainer, forward_hooks
 from trl_tip.toy import make_model
 
 
@@ -233,6 +233,40 @@ def test_only_the_loss_bookkeeping_and_one_generation_turn_are_overridden():
         "_save_checkpoint",
         "create_model_card",  # credits TIP, ssToken and GKD's paper each for its part (test_model_card.py)
     }
+
+
+def test_default_path_generation_leaves_no_extra_hooks_on_the_student(tmp_path):
+    """TRL's transformers generation turn re-enables gradient checkpointing after each `generate`, which registers one
+    more input-embedding hook (transformers' `enable_input_require_grads`) that disabling it never removes: with TRL's
+    `DistillationTrainer` every forward of step `n`, decode forwards included, calls `n` identical hooks. On the
+    default path (`fast_generation=False`) TIPDistillationTrainer runs TRL's turn without that leak: every generation
+    and every step sees the one hook the student needs."""
+    counts = {}
+    for name, cls, config_cls in (
+        ("trl", DistillationTrainer, DistillationConfig),
+        ("tip", TIPDistillationTrainer, TIPDistillationConfig),
+    ):
+        tip = {"fast_generation": False} if name == "tip" else {}
+        trainer = make(tmp_path / name, cls, config_cls, gradient_checkpointing=True, max_steps=4, **tip)
+        student = trainer.model
+        hooks = forward_hooks(student.get_input_embeddings())
+        seen, generate = [], student.generate
+
+        def recording(*args, _seen=seen, _hooks=hooks, _generate=generate, **kwargs):
+            _seen.append(len(_hooks))
+            return _generate(*args, **kwargs)
+
+        student.generate = recording
+        before = len(hooks)
+        trainer.train()
+        counts[name] = (before, seen, len(hooks))
+    # `Trainer.train` enables gradient checkpointing, which registers the one hook the student needs.
+    before, seen, after = counts["tip"]
+    assert before == 0 and seen == [1] * 4 and after == 1
+    # TRL's own trainer leaks one hook per generation (if transformers or TRL stop doing so, the workaround in
+    # `DistillationFastGeneration._generate_single_turn` can go).
+    trl_before, trl_seen, trl_after = counts["trl"]
+    assert trl_before == 0 and trl_seen == [1, 2, 3, 4] and trl_after == 5
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,7 @@ __all__ = [
     "gumbel_from_hash",
     "is_compile_failure",
     "mix32",
+    "no_duplicate_embedding_hooks",
     "rollout_tensors",
     "row_keys",
     "sampling_warpers",
@@ -293,27 +294,39 @@ def _hook_names(hooks) -> list[str]:
 
 
 @contextmanager
-def unwrap_for_generation(model: nn.Module, accelerator, **kwargs) -> Iterator[nn.Module]:
-    """TRL's `unwrap_model_for_generation` (gradient checkpointing off inside), without its hook leak.
+def no_duplicate_embedding_hooks(model: nn.Module) -> Iterator[None]:
+    """Removes, on exit, the input-embedding forward hooks added inside that duplicate one registered before.
 
-    Re-enabling gradient checkpointing makes transformers register another forward hook on the input embeddings
-    (`enable_input_require_grads`), which disabling it does not remove for a model without transformers-integrated
-    PEFT: one more hook per generation, all doing the same thing. Besides the slow growth, a compiled decode step
-    guards on the hook count and would recompile at every step (and fall back to eager after dynamo's limit). The
-    duplicates added here are removed on exit; every hook present before stays.
+    Re-enabling gradient checkpointing (TRL's `unwrap_model_for_generation` does it after every generation) makes
+    transformers register another `enable_input_require_grads` hook on the input embeddings, which disabling it does
+    not remove for a model without transformers-integrated PEFT: one more hook per generation, all doing the same
+    thing, each called by every later forward (a run of `n` steps calls `n` of them per forward, decode forwards
+    included), and a compiled decode step guards on the hook count, so it would recompile at every step. Only a new
+    hook with the same name as one still registered from before goes; every hook present before stays, and a model
+    whose disabling did remove its hook keeps the new one.
     """
-    embeddings = [m for m in accelerator.unwrap_model(model).modules() if isinstance(m, nn.Embedding)]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     before = [(m, set(forward_hooks(m))) for m in embeddings]
-    with unwrap_model_for_generation(model, accelerator, **kwargs) as unwrapped:
+    try:
+        yield
+    finally:
+        for module, keys in before:
+            hooks = forward_hooks(module)
+            kept = set(_hook_names({k: h for k, h in hooks.items() if k in keys}))
+            for key in [k for k in hooks if k not in keys]:
+                if _hook_names({key: hooks[key]})[0] in kept:
+                    del hooks[key]
+
+
+@contextmanager
+def unwrap_for_generation(model: nn.Module, accelerator, **kwargs) -> Iterator[nn.Module]:
+    """TRL's `unwrap_model_for_generation` (gradient checkpointing off inside), without its hook leak (see
+    [`no_duplicate_embedding_hooks`])."""
+    with (
+        no_duplicate_embedding_hooks(accelerator.unwrap_model(model)),
+        unwrap_model_for_generation(model, accelerator, **kwargs) as unwrapped,
+    ):
         yield unwrapped
-    for module, keys in before:
-        hooks = forward_hooks(module)
-        # Only a hook that duplicates one still registered from before goes (a model whose disabling did remove its
-        # hook keeps the new one).
-        kept = set(_hook_names({k: h for k, h in hooks.items() if k in keys}))
-        for key in [k for k in hooks if k not in keys]:
-            if _hook_names({key: hooks[key]})[0] in kept:
-                del hooks[key]
 
 
 class StepGenerator:

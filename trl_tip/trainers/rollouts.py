@@ -26,7 +26,13 @@ from transformers import GenerationConfig
 from transformers.utils import logging
 
 from .._compat import gkd_parent_training_step, load_rng_state, prepare_inputs
-from ..generation import StepGenerator, fast_generation_problem, parse_fast_generation, unwrap_for_generation
+from ..generation import (
+    StepGenerator,
+    fast_generation_problem,
+    no_duplicate_embedding_hooks,
+    parse_fast_generation,
+    unwrap_for_generation,
+)
 
 
 __all__ = [
@@ -332,9 +338,15 @@ class DistillationFastGeneration:
         self._tip_generation_rows = 0
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        """TRL's single generation turn; on the fast path, sampled by the step generator (see the class)."""
+        """TRL's single generation turn; on the fast path, sampled by the step generator (see the class).
+
+        TRL's own turn (default path) runs as it is, except that the input-embedding hook its
+        `unwrap_model_for_generation` leaks at each call is removed ([`no_duplicate_embedding_hooks`]): with TRL's
+        `DistillationTrainer` every forward of step `n` calls `n` identical hooks.
+        """
         if self.tip_generator is None or images is not None or multimodal_fields or has_tool_images:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            with no_duplicate_embedding_hooks(self.accelerator.unwrap_model(self.model_wrapped)):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         device = self.accelerator.device
         pad = self._tokenizer.pad_token_id
         width = max(len(ids) for ids in prompt_ids)
