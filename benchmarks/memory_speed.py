@@ -32,12 +32,32 @@ decode forwards / generation time / `--peak-bandwidth`, the H100 SXM's 3,350 GB/
 and the `torch.compile` graphs built during the timed steps (0 means no recompilation). `--profile` times the phases
 of one more step (generation, loss forward, backward, optimizer) and lists the top CUDA kernels.
 
+Models (`--student`, `--teacher`; random weights, bf16 on a GPU): `0.5B` and `1.5B` (the default pair, Qwen2.5
+shapes), `qwen3-4b` and `qwen3-8b` (the TIP paper's pair: the released Qwen3 config.json shapes, `Qwen3ForCausalLM`;
+Qwen3-4B ties its embeddings, Qwen3-8B does not). `--lora R` passes every trainer the same `peft_config` (LoRA of rank
+R, alpha 2R, on the student's q/k/v/o and gate/up/down projections), as a TRL user would: each trainer wraps the
+student with it, the base weights stay frozen, every row starts from the first row's adapter weights, and the student
+is unwrapped again after each row. Gradient checkpointing (non-reentrant) is on for every row, as before.
+
+The TIP paper's scale (Qwen3-8B teacher, Qwen3-4B LoRA r64 student, 4x4096, bf16), TRL's DistillationTrainer and
+both trl-tip trainers; estimated on paper (docs/benchmarks.md) at ~32-42 GiB peak (weights 22.7 GiB, adapter with its
+gradients and AdamW state ~2 GiB, checkpointed activations ~6-10 GiB, logit chunks ~2-3 GiB) and ~2-3 s per step on
+an H100 (GKDTrainer's full logits would add ~75 GiB):
+
+    RULES=dist,all,entropy_sample:0.5,tip:0.5,tip:0.2,dist/all,dist/entropy_sample:0.5,dist/tip:0.5,dist/tip:0.2
+    python benchmarks/memory_speed.py --student qwen3-4b --teacher qwen3-8b --lora 64 --shapes 4x4096 --rules $RULES
+        --steps 2 --warmup 1     # (one line)
+
+(`entropy_sample` is the paper's entropy sampling, `tip` its Soft-OR.) `benchmarks/gpu_session.sh OUT` runs the
+default loss step and these rows in one ~9-minute GPU session.
+
 Progress lines are printed as rows finish; the tables come last.
 
     python benchmarks/memory_speed.py                      # 4x2048, loss step, GKD/Distillation/TIP/TIPDistillation
     python benchmarks/memory_speed.py --shapes 8x4096      # the large case
     python benchmarks/memory_speed.py --generation --shapes 8x640 --prompt 128 --max-new-tokens 512 --grad-accum 4
     python benchmarks/memory_speed.py --tiny               # seconds on a CPU: a smoke test of the harness
+    python benchmarks/memory_speed.py --tiny --student qwen3-4b --teacher qwen3-8b --lora 4   # the same, paper pair
 """
 
 from __future__ import annotations
@@ -96,10 +116,10 @@ ROW_PREFIXES = {
 }
 H100_BANDWIDTH_GBS = 3350.0  # H100 SXM5 80GB HBM3 peak memory bandwidth
 
-# Model shapes, random weights. Qwen2.5-0.5B/1.5B: config.json of the released Qwen/Qwen2.5-0.5B and -1.5B. Qwen3-4B/8B:
-# config.json of the released Qwen/Qwen3-4B and Qwen/Qwen3-8B (hidden/intermediate sizes, 36 layers, 32 query and 8
-# key/value heads of head_dim 128, rope_theta 1e6, max_position_embeddings 40960; Qwen3-4B ties its input and output
-# embeddings, Qwen3-8B does not). Every shape has the vocabulary of `--vocab` (151,936 by default, as released).
+# Model shapes, random weights. Qwen2.5-0.5B/1.5B: config.json of the released Qwen/Qwen2.5-0.5B and -1.5B.
+# Qwen3-4B/8B: config.json of the released Qwen/Qwen3-4B and Qwen/Qwen3-8B (hidden/intermediate sizes, 36 layers,
+# 32 query and 8 key/value heads of head_dim 128, rope_theta 1e6, max_position_embeddings 40960; Qwen3-4B ties its
+# input and output embeddings, Qwen3-8B does not). Every shape has the vocabulary of `--vocab` (151,936 by default, as released).
 # The tiny shapes keep each family's config class, GQA, head_dim and tying (CPU smoke tests).
 MODEL_SHAPES = {
     "0.5B": dict(

@@ -188,3 +188,32 @@ def test_memory_speed_tiny_cpu_paper_pair_lora(capsys, monkeypatch):
     fresh = make_model("qwen3-4b", 512, True, torch.device("cpu"), torch.float32, seed=0)
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), fresh.parameters(), strict=True))
     assert teacher.lm_head.weight is not teacher.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_gpu_session_script_dry_run(tmp_path):
+    """benchmarks/gpu_session.sh end to end on CPU (BENCH_ARGS shrinks both steps): both steps run with their own
+    models, every row is measured, and OUT holds the six files it promises, the summary table last."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    bench_args = "--tiny --device cpu --shapes 2x64 --steps 1 --warmup 1 --rules dist,dist/tip:0.2"
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": bench_args}
+    done = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = {"env.txt", "loss_4x2048.json", "loss_4x2048.log", "paper_4x4096_lora64.json", "paper_4x4096_lora64.log"}
+    assert {p.name for p in tmp_path.iterdir()} == names | {"summary.md"}
+    loss, paper = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("loss_4x2048", "paper_4x4096_lora64"))
+    assert "student=0.5B (tiny)" in loss["header"] and "lora=" not in loss["header"]
+    assert "student=qwen3-4b (tiny)" in paper["header"] and "teacher=qwen3-8b" in paper["header"]
+    assert "lora=r64/alpha128" in paper["header"]
+    for data in (loss, paper):
+        assert [(r["rule"], r["status"]) for r in data["results"]] == [
+            ("DistillationTrainer", "ok"),
+            ("TIPDist tip 20%", "ok"),
+        ]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## loss_4x2048" in summary and "## paper_4x4096_lora64" in summary
+    assert "| DistillationTrainer | ok | — | — | — | " in summary and "| 1.00 |" in summary
+    assert "exit 0" in done.stdout and "timed out" not in done.stdout
