@@ -32,12 +32,32 @@ decode forwards / generation time / `--peak-bandwidth`, the H100 SXM's 3,350 GB/
 and the `torch.compile` graphs built during the timed steps (0 means no recompilation). `--profile` times the phases
 of one more step (generation, loss forward, backward, optimizer) and lists the top CUDA kernels.
 
+Models (`--student`, `--teacher`; random weights, bf16 on a GPU): `0.5B` and `1.5B` (the default pair, Qwen2.5
+shapes), `qwen3-4b` and `qwen3-8b` (the TIP paper's pair: the released Qwen3 config.json shapes, `Qwen3ForCausalLM`;
+Qwen3-4B ties its embeddings, Qwen3-8B does not). `--lora R` passes every trainer the same `peft_config` (LoRA of rank
+R, alpha 2R, on the student's q/k/v/o and gate/up/down projections), as a TRL user would: each trainer wraps the
+student with it, the base weights stay frozen, every row starts from the first row's adapter weights, and the student
+is unwrapped again after each row. Gradient checkpointing (non-reentrant) is on for every row, as before.
+
+The TIP paper's scale (Qwen3-8B teacher, Qwen3-4B LoRA r64 student, 4x4096, bf16), TRL's DistillationTrainer and
+both trl-tip trainers; estimated on paper (docs/benchmarks.md) at ~32-42 GiB peak (weights 22.7 GiB, adapter with its
+gradients and AdamW state ~2 GiB, checkpointed activations ~6-10 GiB, logit chunks ~2-3 GiB) and ~2-3 s per step on
+an H100 (GKDTrainer's full logits would add ~75 GiB):
+
+    RULES=dist,all,entropy_sample:0.5,tip:0.5,tip:0.2,dist/all,dist/entropy_sample:0.5,dist/tip:0.5,dist/tip:0.2
+    python benchmarks/memory_speed.py --student qwen3-4b --teacher qwen3-8b --lora 64 --shapes 4x4096 --rules $RULES
+        --steps 2 --warmup 1     # (one line)
+
+(`entropy_sample` is the paper's entropy sampling, `tip` its Soft-OR.) `benchmarks/gpu_session.sh OUT` runs the
+default loss step and these rows in one ~9-minute GPU session.
+
 Progress lines are printed as rows finish; the tables come last.
 
     python benchmarks/memory_speed.py                      # 4x2048, loss step, GKD/Distillation/TIP/TIPDistillation
     python benchmarks/memory_speed.py --shapes 8x4096      # the large case
     python benchmarks/memory_speed.py --generation --shapes 8x640 --prompt 128 --max-new-tokens 512 --grad-accum 4
     python benchmarks/memory_speed.py --tiny               # seconds on a CPU: a smoke test of the harness
+    python benchmarks/memory_speed.py --tiny --student qwen3-4b --teacher qwen3-8b --lora 4   # the same, paper pair
 """
 
 from __future__ import annotations
@@ -59,7 +79,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import trl_tip  # noqa: E402
@@ -90,15 +116,37 @@ ROW_PREFIXES = {
 }
 H100_BANDWIDTH_GBS = 3350.0  # H100 SXM5 80GB HBM3 peak memory bandwidth
 
-# Qwen2.5-0.5B and Qwen2.5-1.5B shapes (config.json of the released models), random weights.
-QWEN_SHAPES = {
-    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
-    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
-}
+# Model shapes, random weights. Qwen2.5-0.5B/1.5B: config.json of the released Qwen/Qwen2.5-0.5B and -1.5B.
+# Qwen3-4B/8B: config.json of the released Qwen/Qwen3-4B and Qwen/Qwen3-8B (hidden/intermediate sizes, 36 layers,
+# 32 query and 8 key/value heads of head_dim 128, rope_theta 1e6, max_position_embeddings 40960; Qwen3-4B ties its
+# input and output embeddings, Qwen3-8B does not). Every shape has the vocabulary of `--vocab` (151,936 by default, as released).
+# The tiny shapes keep each family's config class, GQA, head_dim and tying (CPU smoke tests).
+MODEL_SHAPES = {
+    "0.5B": dict(
+        family="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "1.5B": dict(
+        family="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        family="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
+    ),
+    "qwen3-8b": dict(
+        family="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=40960,
+    ),
+}  # fmt: skip
 TINY_SHAPES = {
     "0.5B": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     "1.5B": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "qwen3-4b": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16),
+    "qwen3-8b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16),
 }
+# LoRA (`--lora R`, alpha 2R): every attention and MLP projection of the student (ssToken reports LoRA r64 setups).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -147,6 +195,7 @@ class Result:
     prefix_match: float = float("nan")
     profile_s: dict = field(default_factory=dict)  # --profile: seconds per phase of the profiled step, and "step"
     fast_path: bool | None = None  # trl-tip rows: whether the fast path generated (the resolved fast_generation)
+    trainable_params: int = 0  # the student's parameters the optimizer updates (with --lora: the adapter's)
     note: str = ""
 
 
@@ -200,24 +249,36 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
-def make_model(size: str, vocab_size: int, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
-    shape = (TINY_SHAPES if tiny else QWEN_SHAPES)[size]
-    config = Qwen2Config(
+def model_config(size: str, vocab_size: int, tiny: bool):
+    """The `transformers` config of the named shape (`MODEL_SHAPES`; with `tiny`, its `TINY_SHAPES` counterpart)."""
+    if size not in MODEL_SHAPES:
+        raise ValueError(f"Unknown model shape {size!r}: use one of {', '.join(MODEL_SHAPES)}.")
+    shape = dict(MODEL_SHAPES[size])
+    family = shape.pop("family")
+    if tiny:
+        shape.update(TINY_SHAPES[size], num_key_value_heads=2)
+        shape.pop("max_position_embeddings", None)
+    common = dict(
         vocab_size=vocab_size,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
         pad_token_id=0,
         eos_token_id=None,
         bos_token_id=None,
         use_cache=False,
-        **shape,
     )
+    if family == "qwen3":
+        shape.setdefault("max_position_embeddings", 40960)
+        return Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common, **shape)
+    return Qwen2Config(max_position_embeddings=32768, rope_theta=1_000_000.0, **common, **shape)
+
+
+def make_model(size: str, vocab_size: int, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
+    config = model_config(size, vocab_size, tiny)
+    model_cls = Qwen3ForCausalLM if isinstance(config, Qwen3Config) else Qwen2ForCausalLM
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
+        # Initialised in `dtype` directly: a float32 copy of the 8B teacher (33 GB) would not sit beside the rest.
+        model = model_cls._from_config(config, dtype=dtype)
     # GKD and TIP stop only at max_new_tokens (no EOS id); TRL's DistillationTrainer adds the tokenizer's EOS (id 1),
     # which random weights sample with probability ~1/V per token: its token counts are measured, not assumed.
     model.generation_config.eos_token_id = None
@@ -228,6 +289,11 @@ def make_model(size: str, vocab_size: int, tiny: bool, device: torch.device, dty
     # config leaves it unset (True). GKDTrainer sets `use_cache=False` itself under gradient checkpointing, as in use.
     model.generation_config.use_cache = True
     return model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Parameters (tied embeddings counted once: `parameters()` yields a shared parameter once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -461,6 +527,54 @@ def tip_generation_options(rule: Rule, ns) -> dict:
     return options
 
 
+def lora_config(ns):
+    """`--lora R`: the `peft.LoraConfig` a TRL user passes as `peft_config` (rank R, alpha 2R, no dropout, on the
+    student's attention and MLP projections); a fresh one per row, since TRL's trainers may edit the one they get."""
+    if not ns.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=ns.lora, lora_alpha=2 * ns.lora, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"
+    )
+
+
+def restore_adapter(trainer, ns) -> int:
+    """Gives every row the same adapter: the first row's freshly initialised LoRA weights are kept (on the CPU) and
+    copied into each later row's; returns the number of trainable parameters. A row whose trainable parameters differ
+    from the first row's (another adapter) is an error, not a silent unlike-for-like comparison."""
+    trainable = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+    if ns.lora and getattr(ns, "adapter_init", None) is None:
+        ns.adapter_init = {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
+    elif ns.lora:
+        if set(trainable) != set(ns.adapter_init):
+            raise RuntimeError(
+                f"--lora: this row's trainable parameters ({len(trainable)}) are not the first row's "
+                f"({len(ns.adapter_init)}): the trainers built different adapters from the same peft_config."
+            )
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(ns.adapter_init[name])
+    return sum(p.numel() for p in trainable.values())
+
+
+def strip_adapters(model) -> int:
+    """Puts back the base layers that `get_peft_model` (called by the trainer, `--lora`) wrapped in the shared
+    student, so that the next row's trainer adapts the plain model again; returns how many layers it unwrapped."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    stripped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+            stripped += 1
+    model.__dict__.pop("peft_config", None)
+    model.__dict__.pop("_hf_peft_config_loaded", None)
+    return stripped
+
+
 def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, output_dir: str):
     common = common_args(ns, batch_size, output_dir)
     if rule.distillation_format:
@@ -474,7 +588,12 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
             args, cls = TIPDistillationConfig(**common, **dist, **rule.config, **extra), TIPDistillationTrainer
         dataset = Dataset.from_dict({"prompt": ["x"] * (batch_size * ns.grad_accum)})
         trainer = cls(
-            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(ns),
         )
         # Random-id prompts: no chat template to apply, the "prompt" fields are the token ids.
         trainer._tokenize_prompts = lambda prompts: (prompts, None, {})
@@ -498,6 +617,7 @@ def build_trainer(rule: Rule, student, teacher, tokenizer, ns, batch_size: int, 
             train_dataset=dataset,
             processing_class=tokenizer,
             data_collator=lambda rows: rows,
+            peft_config=lora_config(ns),
         )
     if rule.fast_generation and ns.device == "cpu":
         print(f"    {rule.label}: on CPU, the static-cache path with dynamo's eager backend (smoke test)", flush=True)
@@ -610,6 +730,7 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
         drop_input_grad_hooks(student)
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = build_trainer(rule, student, teacher, tokenizer, ns, b, output_dir)
+            result.trainable_params = restore_adapter(trainer, ns)
             timer = SelectionTimer(trainer, device) if rule.is_tip else None
             phases = PhaseTimer(device)
             phases.wrap(student, "generate", "generation", count_forwards=True)
@@ -709,6 +830,8 @@ def measure(rule: Rule, shape: str, student, teacher, init_state, tokenizer, ns,
         if trainer is not None:
             trainer.accelerator.free_memory()
         del trainer, timer
+        if ns.lora:
+            strip_adapters(student)
         if rule.is_tip:
             release_compiled(student, teacher)
         gc.collect()
@@ -974,6 +1097,22 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--pad-to-multiple-of", type=int, default=64, help="TIPTrainer's generation bucket.")
     parser.add_argument("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
     parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument(
+        "--student",
+        default="0.5B",
+        choices=tuple(MODEL_SHAPES),
+        help="The student's shape "
+        "(default 0.5B: Qwen2.5-0.5B; the TIP paper's pair: --student qwen3-4b --teacher qwen3-8b).",
+    )
+    parser.add_argument(
+        "--teacher",
+        default="1.5B",
+        choices=tuple(MODEL_SHAPES),
+        help="The teacher's shape (default 1.5B: Qwen2.5-1.5B).",
+    )
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="Train a LoRA adapter of rank R (alpha 2R) "
+                        "on the student's attention and MLP projections, passed to every trainer as `peft_config`; "
+                        "the base weights stay frozen (default 0: full fine-tuning).")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (median reported).")
     parser.add_argument("--warmup", type=int, default=2, help="Warm-up steps (the first one is reported).")
     parser.add_argument("--gkd-steps", type=int, default=None, help="Timed steps of GKDTrainer rows (default: "
@@ -1006,6 +1145,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ns.gkd_warmup = ns.warmup if ns.gkd_warmup is None else ns.gkd_warmup
     if min(ns.steps, ns.gkd_steps) < 1:
         parser.error("--steps and --gkd-steps must be >= 1.")
+    if ns.lora < 0:
+        parser.error(f"--lora must be a LoRA rank >= 1 (or 0: no adapter), got {ns.lora}.")
+    ns.adapter_init = None  # --lora: the first row's adapter weights, given to every row (restore_adapter)
     ns.rules = ns.rules or (GENERATION_RULES if ns.generation else LOSS_RULES)
     ns.shapes = ns.shapes or ("8x640" if ns.generation else "4x2048")
     ns.prompt = ns.prompt if ns.prompt is not None else (128 if ns.generation else 256)
@@ -1026,8 +1168,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rules = parse_rules(ns.rules)
     tokenizer = make_tokenizer(ns.vocab)
-    student = make_model("0.5B", ns.vocab, ns.tiny, device, dtype, ns.seed)
-    teacher = make_model("1.5B", ns.vocab, ns.tiny, device, dtype, ns.seed + 1).eval()
+    student = make_model(ns.student, ns.vocab, ns.tiny, device, dtype, ns.seed)
+    teacher = make_model(ns.teacher, ns.vocab, ns.tiny, device, dtype, ns.seed + 1).eval()
     init_state = {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters()}
     import transformers
     import trl
@@ -1035,8 +1177,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     header = (
         f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} torch={torch.__version__} "
         f"transformers={transformers.__version__} trl={trl.__version__} "
-        f"student={sum(p.numel() for p in student.parameters()) / 1e6:.0f}M ({weight_bytes(student) / 1e9:.2f} GB) "
-        f"teacher={sum(p.numel() for p in teacher.parameters()) / 1e6:.0f}M vocab={ns.vocab} prompt={ns.prompt} "
+        f"student={ns.student}{' (tiny)' if ns.tiny else ''} {n_params(student) / 1e6:.1f}M "
+        f"({weight_bytes(student) / 1e9:.2f} GB) teacher={ns.teacher} {n_params(teacher) / 1e6:.1f}M "
+        f"({weight_bytes(teacher) / 1e9:.2f} GB) "
+        + (f"lora=r{ns.lora}/alpha{2 * ns.lora} on {'+'.join(LORA_TARGETS)} " if ns.lora else "")
+        + f"vocab={ns.vocab} prompt={ns.prompt} "
         f"generation={f'max_new_tokens={ns.max_new_tokens} jitter={ns.prompt_jitter}' if ns.generation else 'no'} "
         f"grad_accum={ns.grad_accum} steps={ns.steps} warmup={ns.warmup} precision={ns.precision}"
         + (f" peak_bandwidth={ns.peak_bandwidth:,.0f} GB/s" if ns.generation else "")
@@ -1051,7 +1196,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
             print(
                 f"  {r.rule:<30} {r.shape:>10} GA={r.grad_accum} {r.status:>4} peak={fmt(r.peak_gib, '.2f')} GiB "
                 f"step={fmt(r.step_s, '.3f')} s {gen}tok/s={fmt(r.tokens_per_s, ',.0f')} "
-                f"sel={fmt(r.selection_s, '.4f')} s kept={fmt(r.kept_frac, '.2f')} graphs={r.graphs_warmup}+"
+                f"sel={fmt(r.selection_s, '.4f')} s kept={fmt(r.kept_frac, '.2f')} trainable={r.trainable_params:,} "
+                f"graphs={r.graphs_warmup}+"
                 f"{r.graphs_timed} breaks={r.graph_breaks} times={[round(x, 3) for x in r.step_times]}"
                 + (f" prefix_match={r.prefix_match:.1f}" if not math.isnan(r.prefix_match) else "")
                 + (f" note={r.note}" if r.note else ""),

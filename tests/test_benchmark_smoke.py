@@ -125,6 +125,7 @@ def test_memory_speed_rows_decode_with_the_kv_cache_their_trainer_uses():
         precision="bf16",
         chunk_size=None,
         pad_to_multiple_of=8,
+        lora=None,
     )
     device = torch.device("cpu")
     tokenizer = bench.make_tokenizer(ns.vocab)
@@ -148,3 +149,125 @@ def test_memory_speed_rows_decode_with_the_kv_cache_their_trainer_uses():
     assert widths["DistillationTrainer"] == widths["TIPDist dynamic all"] == [8, 1, 1, 1]
     assert widths["TIP dynamic all"] == [8, 1, 1, 1]
     assert widths["GKDTrainer"] == [8, 9, 10, 11]
+
+
+def test_model_shapes_are_the_released_configs():
+    bench = _load()
+    # Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json: Qwen3-4B ties its embeddings, Qwen3-8B does not.
+    released = {
+        "qwen3-4b": (2560, 9728, True),
+        "qwen3-8b": (4096, 12288, False),
+    }
+    for name, (hidden, intermediate, tied) in released.items():
+        config = bench.model_config(name, 151_936, tiny=False)
+        assert type(config).__name__ == "Qwen3Config"
+        assert (config.hidden_size, config.intermediate_size, config.tie_word_embeddings) == (
+            hidden,
+            intermediate,
+            tied,
+        )
+        assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (36, 32, 8)
+        assert (config.head_dim, config.vocab_size, config.rope_parameters["rope_theta"]) == (128, 151_936, 1e6)
+        tiny = bench.model_config(name, 512, tiny=True)
+        assert (
+            type(tiny).__name__ == "Qwen3Config" and tiny.tie_word_embeddings == tied and tiny.num_hidden_layers == 2
+        )
+    assert type(bench.model_config("0.5B", 151_936, tiny=False)).__name__ == "Qwen2Config"
+    with pytest.raises(ValueError, match="Unknown model shape 'qwen3-14b': use one of 0.5B, 1.5B, qwen3-4b, qwen3-8b"):
+        bench.model_config("qwen3-14b", 512, tiny=True)
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--device", "cpu", "--lora", "-1"])
+
+
+def test_strip_adapters_gives_back_the_plain_student():
+    """The rows share one student: each trainer wraps it with `get_peft_model`, and the row's end unwraps it, so
+    the next trainer adapts the same plain model (same modules, same weights) again."""
+    import torch
+    from peft import get_peft_model
+
+    bench = _load()
+    student = bench.make_model("qwen3-4b", 512, True, torch.device("cpu"), torch.float32, seed=0)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    modules = [(name, type(m)) for name, m in student.named_modules()]
+    ns = type("Args", (), {"lora": 4})()
+    for _ in range(2):
+        peft_model = get_peft_model(student, bench.lora_config(ns))
+        trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        assert len(trainable) == 2 * 7 * 2  # layers x projections x (A, B)
+        assert bench.strip_adapters(student) == 2 * 7
+        assert [(name, type(m)) for name, m in student.named_modules()] == modules
+        assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())
+    assert bench.strip_adapters(student) == 0
+
+
+@pytest.mark.slow
+def test_memory_speed_tiny_cpu_paper_pair_lora(capsys, monkeypatch):
+    """`--student qwen3-4b --teacher qwen3-8b --lora R`: every row, of both TRL trainers and both trl-tip trainers,
+    trains the same rank-R adapter from the same initial values on the frozen student."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    bench = _load()
+    models, adapters = [], []
+    make_model, restore_adapter = bench.make_model, bench.restore_adapter
+
+    def recording_make_model(*args, **kwargs):
+        models.append(make_model(*args, **kwargs))
+        return models[-1]
+
+    def recording_restore_adapter(trainer, ns):
+        n = restore_adapter(trainer, ns)
+        adapters.append({k: p.detach().clone() for k, p in trainer.model.named_parameters() if p.requires_grad})
+        return n
+
+    monkeypatch.setattr(bench, "make_model", recording_make_model)
+    monkeypatch.setattr(bench, "restore_adapter", recording_restore_adapter)
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"]
+    shapes = ["--student", "qwen3-4b", "--teacher", "qwen3-8b", "--lora", "4"]
+    results = bench.main([*argv, *shapes, "--rules", "gkd,dist,all,tip:0.5,dist/entropy_sample:0.5"])
+    out = capsys.readouterr().out
+    assert "student=qwen3-4b (tiny)" in out and "teacher=qwen3-8b" in out and "lora=r4/alpha8 on q_proj+" in out
+    assert [r.status for r in results] == ["ok"] * 5
+    # Rank 4 on q (32->64), k, v (32->32), o (64->32), gate, up (32->64), down (64->32) of 2 layers: hand-counted.
+    per_layer = 4 * ((32 + 64) + 2 * (32 + 32) + (64 + 32) + 2 * (32 + 64) + (64 + 32))
+    assert [r.trainable_params for r in results] == [2 * per_layer] * 5
+    assert all(r.tokens_per_step == 2 * (64 - 16) for r in results)
+    assert math.isclose(results[2].kept_frac, 1.0) and 0.4 < results[3].kept_frac < 0.6
+    # The same adapter at the start of every row, although each trainer built (and initialised) its own.
+    assert len(adapters) == 5 and all(a.keys() == adapters[0].keys() for a in adapters)
+    assert all(torch.equal(a[k], adapters[0][k]) for a in adapters[1:] for k in a)
+    # The shared student is given back plain, its frozen base weights untouched by five rows of training.
+    student, teacher = models
+    assert not any(isinstance(m, BaseTunerLayer) for m in student.modules())
+    fresh = make_model("qwen3-4b", 512, True, torch.device("cpu"), torch.float32, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), fresh.parameters(), strict=True))
+    assert teacher.lm_head.weight is not teacher.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_gpu_session_script_dry_run(tmp_path):
+    """benchmarks/gpu_session.sh end to end on CPU (BENCH_ARGS shrinks both steps): both steps run with their own
+    models, every row is measured, and OUT holds the six files it promises, the summary table last."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    bench_args = "--tiny --device cpu --shapes 2x64 --steps 1 --warmup 1 --rules dist,dist/tip:0.2"
+    env = {**os.environ, "PYTHON": sys.executable, "BENCH_ARGS": bench_args}
+    done = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = {"env.txt", "loss_4x2048.json", "loss_4x2048.log", "paper_4x4096_lora64.json", "paper_4x4096_lora64.log"}
+    assert {p.name for p in tmp_path.iterdir()} == names | {"summary.md"}
+    loss, paper = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("loss_4x2048", "paper_4x4096_lora64"))
+    assert "student=0.5B (tiny)" in loss["header"] and "lora=" not in loss["header"]
+    assert "student=qwen3-4b (tiny)" in paper["header"] and "teacher=qwen3-8b" in paper["header"]
+    assert "lora=r64/alpha128" in paper["header"]
+    for data in (loss, paper):
+        assert [(r["rule"], r["status"]) for r in data["results"]] == [
+            ("DistillationTrainer", "ok"),
+            ("TIPDist tip 20%", "ok"),
+        ]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## loss_4x2048" in summary and "## paper_4x4096_lora64" in summary
+    assert "| DistillationTrainer | ok | — | — | — | " in summary and "| 1.00 |" in summary
+    assert "exit 0" in done.stdout and "timed out" not in done.stdout
