@@ -164,14 +164,14 @@ def register_arguments(cls: type) -> type:
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"register_arguments needs a dataclass, got {cls!r}.")
+    missing = [f.name for f in dataclasses.fields(cls) if "help" not in f.metadata]
+    if missing:
+        raise ValueError(f"Fields of {cls.__name__} without metadata={{'help': ...}}: {missing}.")
     if "trl_tip.config" in sys.modules and cls not in _ARGUMENTS:
         raise RuntimeError(
             f"register_arguments({cls.__name__}) after trl_tip.config was imported: the configs would not have its "
             "fields. Register it from a module that trl_tip/__init__.py imports before trl_tip.config."
         )
-    missing = [f.name for f in dataclasses.fields(cls) if "help" not in f.metadata]
-    if missing:
-        raise ValueError(f"Fields of {cls.__name__} without metadata={{'help': ...}}: {missing}.")
     if cls not in _ARGUMENTS:
         _ARGUMENTS.append(cls)
     return cls
