@@ -222,7 +222,7 @@ def _logs_close(a: dict, b: dict) -> bool:
 
 
 def run_rule(kind: str, spec: str, ns) -> dict:
-    from trl_tip.trainers.common import TIP_STATE_NAME
+    from trl_tip.trainers.checkpoint import TIP_STATE_NAME
 
     rule = parse_rule(spec)
     out_dir = os.path.join(ns.out, f"{ns.label}_{kind}_{spec.replace(':', '_')}")

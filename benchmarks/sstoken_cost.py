@@ -61,6 +61,7 @@ def main() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
     from trl_tip import TIPConfig, TIPTrainer
+    from trl_tip.sstoken import history_model
     from trl_tip.toy import arithmetic_dataset, make_tokenizer
 
     cuda = torch.cuda.is_available()
@@ -134,7 +135,7 @@ def main() -> None:
                 times.append(elapsed * 1e3)
                 if cuda:
                     peaks.append((torch.cuda.max_memory_allocated() - base) / 2**30)
-        history = trainer.sstoken_history
+        history = history_model(trainer)
         ema_ms = float("nan")
         if history is not None:
             ema = []

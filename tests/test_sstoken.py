@@ -26,6 +26,7 @@ from trl_tip import (
 from trl_tip.signals import history_token_losses, token_log_probs
 from trl_tip.sstoken import (
     adapter_is_noop,
+    history_model,
     per_sequence_minmax,
     per_sequence_top_k,
     retrospective_excess_loss,
@@ -496,7 +497,7 @@ def test_end_to_end_train_logs_sstoken_and_tip_metrics(tmp_path, toy):
         ["history_nll", "prompt_attention"],
         ["history_nll", "prompt_attention"],
     ]
-    assert trainer.sstoken_history.num_updates == 3
+    assert history_model(trainer).num_updates == 3
 
 
 def test_end_to_end_default_sstoken_fixed_history_and_warmup_ratio(tmp_path, toy):
@@ -511,7 +512,7 @@ def test_end_to_end_default_sstoken_fixed_history_and_warmup_ratio(tmp_path, toy
         train_dataset=dataset,
         processing_class=tokenizer,
     )
-    history = trainer.sstoken_history
+    history = history_model(trainer)
     assert history.mode == "fixed" and not history.uses_base_model
     assert not any(isinstance(cb, HistoryEMACallback) for cb in trainer.callback_handler.callbacks)
     (warmup,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SSTokenWarmupCallback)]
@@ -549,7 +550,7 @@ def lora_trainer(tmp_path, toy, **kwargs):
 def test_trainer_with_lora_student_uses_the_base_model_as_fixed_history(tmp_path, toy):
     """The default history of a LoRA student is its base model with the adapter disabled: no weight is copied."""
     trainer = lora_trainer(tmp_path, toy, max_steps=2, learning_rate=5e-2)
-    history = trainer.sstoken_history
+    history = history_model(trainer)
     assert history.uses_base_model and history.shadow == {} and history.nbytes == 0
     assert not any(isinstance(cb, HistoryEMACallback) for cb in trainer.callback_handler.callbacks)
     recorder = RecordingTrainer.__new__(RecordingTrainer)  # only its on_selection
@@ -579,7 +580,7 @@ def test_lora_history_options(tmp_path, toy):
     trainer = lora_trainer(
         tmp_path, toy, max_steps=1, sstoken_history="ema", sstoken_history_device="cpu", sstoken_warmup_steps=0
     )
-    history = trainer.sstoken_history
+    history = history_model(trainer)
     assert not history.uses_base_model and history.shadow and all("lora_" in name for name in history.shadow)
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in history.shadow.values())
     assert any(isinstance(cb, HistoryEMACallback) for cb in trainer.callback_handler.callbacks)
@@ -635,7 +636,7 @@ def test_trainer_runs_a_combined_custom_selector(tmp_path, toy):
         selector=selector,
     )
     # The history model is built for any selector that requires it, with the documented defaults (a fixed copy).
-    assert trainer.sstoken_history is not None and trainer.sstoken_history.mode == "fixed"
+    assert history_model(trainer) is not None and history_model(trainer).mode == "fixed"
     # A custom selector gets no automatic warm-up (that comes with token_selection="sstoken").
     assert not any(isinstance(cb, SSTokenWarmupCallback) for cb in trainer.callback_handler.callbacks)
     trainer.train()
@@ -740,7 +741,7 @@ def test_resume_inside_the_warmup_makes_the_same_selections(tmp_path, toy, lora)
             processing_class=tokenizer,
             peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]) if lora else None,
         )
-        assert trainer.sstoken_history.uses_base_model == lora
+        assert history_model(trainer).uses_base_model == lora
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 

@@ -1,6 +1,8 @@
 """trl-tip: on-policy distillation for TRL that trains only on the tokens that carry signal."""
 
-from . import _quiet  # noqa: F401  (first: imports bitsandbytes without its kernel-fetch notices, before PEFT does)
+# First `_quiet` (imports bitsandbytes without its kernel-fetch notices, before PEFT does), then the plug-ins, before the
+# configs are defined: a plug-in registers its rule, its signal providers and its config arguments (peft's pattern).
+from . import _quiet, sstoken  # noqa: F401
 from .callbacks import SelectionCallback, SelectionScheduleCallback, linear_keep_ratio
 from .config import TIPArguments, TIPConfig, TIPDistillationConfig
 from .engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine

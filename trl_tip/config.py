@@ -1,7 +1,9 @@
 """The configs: `TIPConfig(GKDConfig)` and `TIPDistillationConfig(DistillationConfig)`.
 
 The token-selection options are declared once, in the [`TIPArguments`] dataclass both configs inherit, and validated
-once, by [`TIPArguments.validate_tip_arguments`] against the rule registry (`trl_tip.selection.registry`).
+once, by [`TIPArguments.validate_tip_arguments`] against the rule registry (`trl_tip.selection.registry`). A plug-in's
+own options (e.g. the `sstoken` rule's) are a dataclass it registers with `trl_tip.plugins.register_arguments`, which
+both configs inherit too (in their field order: after the token-selection options).
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from functools import cache
 
-from . import sstoken  # noqa: F401  (registers the sstoken rule and its options)
 from ._compat import DistillationConfig, GKDConfig
 from .generation import parse_fast_generation
+from .plugins import plugin_arguments
 from .selection import QUADRANTS, parse_quadrants
 from .selection.base import reads_teacher_signals
 from .selection.registry import (
@@ -114,31 +116,6 @@ class TIPArguments:
             metrics and `tip/divergence`, `tip/teacher_*` then describe the kept tokens, and the records hold NaN
             teacher signals on the dropped ones. An error for a rule that reads the teacher's signals.
 
-        > Parameters of the `sstoken` rule (leave unset for other rules)
-
-        sstoken_gamma (`float`, *optional*):
-            Default `0.5`: weight of the retrospective excess loss in `gamma * REL_norm + (1 - gamma) * attention`;
-            `1` is REL only, `0` attention only (no history model).
-        sstoken_loss (`str`, *optional*):
-            Default `"nll"`: per-token loss of REL, `"nll"` (of the sampled token, the paper's definition) or
-            `"divergence"` (the token's distillation loss to the teacher).
-        sstoken_history (`str`, *optional*):
-            Default `"fixed"`: history model, `"fixed"` (the student before training, as in the paper: for a LoRA
-            student its base model with the adapter disabled, no copy; for a full student a frozen copy) or `"ema"`
-            (an EMA of the student's trainable weights).
-        sstoken_ema_decay (`float`, *optional*):
-            With `ema` history (default `0.9`, trl-tip's choice): decay `alpha` of `θ_his ← alpha θ_his + (1 − alpha) θ`.
-        sstoken_ema_update_interval (`int`, *optional*):
-            With `ema` history (default `1`): optimizer steps between EMA updates.
-        sstoken_history_device (`str`, *optional*):
-            Default `"same"`: where a history copy lives, `"same"` (the student's device) or `"cpu"`.
-        sstoken_warmup_ratio (`float`, *optional*):
-            Default `0.2` (the paper's ~20%): share of `max_steps` at the start of training that selects by the
-            attention score alone, in `[0, 1)`. Give it or `sstoken_warmup_steps`, not both.
-        sstoken_warmup_steps (`int`, *optional*):
-            First optimizer steps that select by the attention score alone (instead of `sstoken_warmup_ratio`).
-        sstoken_attention_layer (`int`, *optional*):
-            Default `-1` (the last): decoder layer whose attention gives the semantic score; Python indexing.
     """
 
     token_selection: str = field(
@@ -258,61 +235,6 @@ class TIPArguments:
         },
     )
 
-    sstoken_gamma: float | None = field(
-        default=None,
-        metadata={
-            "help": "sstoken only (default 0.5): weight of the retrospective excess loss in gamma * REL_norm + "
-            "(1 - gamma) * prompt attention, in [0, 1]; 1 = REL only, 0 = attention only (no history model)."
-        },
-    )
-    sstoken_loss: str | None = field(
-        default=None,
-        metadata={
-            "help": "sstoken only (default `nll`): per-token loss of REL, `nll` (of the sampled token, the paper's "
-            "definition) or `divergence` (the token's distillation loss to the teacher).",
-        },
-    )
-    sstoken_history: str | None = field(
-        default=None,
-        metadata={
-            "help": "sstoken only (default `fixed`): history model, `fixed` (the student before training: a LoRA "
-            "student's base model with the adapter disabled, or a frozen copy) or `ema` (EMA of the trainable weights).",
-        },
-    )
-    sstoken_ema_decay: float | None = field(
-        default=None,
-        metadata={"help": "sstoken with ema history (default 0.9): EMA decay alpha in [0, 1)."},
-    )
-    sstoken_ema_update_interval: int | None = field(
-        default=None,
-        metadata={"help": "sstoken with ema history (default 1): optimizer steps between EMA updates (>= 1)."},
-    )
-    sstoken_history_device: str | None = field(
-        default=None,
-        metadata={"help": "sstoken (default `same`): where a history copy lives, `same` (student's device) or `cpu`."},
-    )
-    sstoken_warmup_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "sstoken (default 0.2): share of max_steps at the start that selects by the attention score "
-            "alone, in [0, 1). Give it or sstoken_warmup_steps, not both."
-        },
-    )
-    sstoken_warmup_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "sstoken: first optimizer steps that select by the attention score alone (instead of "
-            "sstoken_warmup_ratio)."
-        },
-    )
-    sstoken_attention_layer: int | None = field(
-        default=None,
-        metadata={
-            "help": "sstoken (default -1, the last): decoder layer whose prompt attention is the semantic score "
-            "(Python indexing)."
-        },
-    )
-
     def validate_tip_arguments(self) -> None:
         """Checks every token-selection option and fills in the rule's defaults.
 
@@ -323,8 +245,7 @@ class TIPArguments:
         self._check_number_types()
         rule = get_rule(self.token_selection)
         # Which rule-specific options the user set (before defaults are filled in), for the cross-option checks.
-        given = {name for name in OPTIONS if getattr(self, name, None) is not None}
-        self._tip_given_options = given
+        given = frozenset(name for name in OPTIONS if getattr(self, name, None) is not None)
 
         if self.keep_ratio is not None:
             if not rule.budgeted:
@@ -359,7 +280,7 @@ class TIPArguments:
         if rule.name == "quadrants":
             self.quadrants = [QUADRANTS[i - 1] for i in parse_quadrants(self.quadrants)]
         if rule.validate is not None:
-            rule.validate(self)
+            rule.validate(self, given)
         self._validate_signal_options()
 
     def _check_number_types(self) -> None:
@@ -435,10 +356,13 @@ class TIPArguments:
 
 @cache
 def _numeric_fields() -> dict[str, str]:
-    """`"float"` or `"int"` for each numeric field of [`TIPArguments`], from its resolved type hints (not from
-    `Field.type`, which `HfArgumentParser` rewrites in place)."""
+    """`"float"` or `"int"` for each numeric field of [`TIPArguments`] and of the plug-ins' arguments, from the resolved
+    type hints (not from `Field.type`, which `HfArgumentParser` rewrites in place)."""
     kinds = {}
-    for name, hint in typing.get_type_hints(TIPArguments).items():
+    hints = {}
+    for cls in (TIPArguments, *plugin_arguments()):
+        hints.update(typing.get_type_hints(cls))
+    for name, hint in hints.items():
         args = typing.get_args(hint) or (hint,)
         if float in args:
             kinds[name] = "float"
@@ -522,7 +446,7 @@ class TIPGenerationArguments:
 
 
 @dataclass
-class TIPConfig(GKDConfig, TIPArguments, TIPGenerationArguments):
+class TIPConfig(GKDConfig, *plugin_arguments(), TIPArguments, TIPGenerationArguments):
     r"""
     Configuration class for [`TIPTrainer`]: every option of TRL's `GKDConfig` plus the token-selection options of
     [`TIPArguments`], the generation options of [`TIPGenerationArguments`] and the one below.
@@ -561,7 +485,7 @@ class TIPConfig(GKDConfig, TIPArguments, TIPGenerationArguments):
 
 
 @dataclass
-class TIPDistillationConfig(DistillationConfig, TIPArguments, TIPGenerationArguments):
+class TIPDistillationConfig(DistillationConfig, *plugin_arguments(), TIPArguments, TIPGenerationArguments):
     r"""
     Configuration class for [`TIPDistillationTrainer`]: every option of TRL's `DistillationConfig` plus the
     token-selection options of [`TIPArguments`] and the generation options of [`TIPGenerationArguments`] (with

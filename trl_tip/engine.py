@@ -18,6 +18,7 @@ import torch
 from transformers.utils import logging
 
 from .loss import OutputHead, SignalPlan, chunked_pass, gathered_heads
+from .plugins import PROVIDERS, provided_signals
 from .selection import TokenSelector, assign_quadrants, planned_kept, validate_selection
 from .selection.base import LOGIT_SIGNAL_NAMES, reads_teacher_signals
 from .selection.context import Processes, QuadrantSplit, build_context, quadrant_thresholds, selection_seed
@@ -26,18 +27,12 @@ from .stats import TIPStatistics
 
 
 __all__ = [
-    "MODEL_SIGNALS",
     "SelectionObserver",
     "SelectionRecord",
     "StepTokens",
     "TokenBatch",
     "TokenSelectionEngine",
 ]
-
-# Per-token inputs a selector may list in `requires` that need model forwards: the trainer adapter computes them
-# (ssToken's history-model losses and prompt attention). The signals of the logits (`SIGNAL_NAMES`, `DIVERGENCES`)
-# come from the engine's chunked pass.
-MODEL_SIGNALS = ("history_nll", "history_divergence", "prompt_attention")
 
 logger = logging.get_logger(__name__)
 
@@ -75,7 +70,7 @@ class TokenBatch:
         targets: The token each position predicts, `(N,)`.
         seq_idx: Row of each position, `(N,)`.
         pos_idx: Position in the row of the hidden state (it predicts the token at `pos_idx + 1` of `input_ids`).
-        extras: Per-token inputs computed by the adapter for the selector (`MODEL_SIGNALS` it requires).
+        extras: Per-token inputs the selector requires that signal providers compute (`trl_tip.plugins`), by name.
         input_ids: `(B, T)` token ids of the micro-batch (prompt and completion), for records.
         attention_mask: `(B, T)`.
         labels: `(B, T)` with `-100` at positions not trained on (prompt, padding, tool output).
@@ -171,8 +166,9 @@ class TokenSelectionEngine:
         temperature: float = 1.0,
         device: torch.device | str = "cpu",
     ):
-        # Which adapter-computed signals can be asked for; the trainer narrows it (no history model, no history).
-        self.available_model_signals = frozenset(MODEL_SIGNALS)
+        # The provider-computed signals (`trl_tip.plugins`) a selector may require: every registered one, until the
+        # trainer narrows it to those it built or can build on demand.
+        self.provided_signals = provided_signals()
         self.set_selector(selector)
         self.split = QuadrantSplit.from_args(args)
         self.divergence = args.divergence
@@ -197,32 +193,27 @@ class TokenSelectionEngine:
 
         Raises:
             TypeError: if it is not callable.
-            ValueError: if it requires extra signals the trainer cannot compute.
+            ValueError: if it requires signals that are unknown or that this trainer cannot compute.
         """
         if not callable(selector):
             raise TypeError(f"selector must be callable (signals, context) -> Tensor, got {type(selector).__name__}.")
         requires = frozenset(getattr(selector, "requires", ()))
-        allowed = tuple(dict.fromkeys((*MODEL_SIGNALS, *sorted(LOGIT_SIGNAL_NAMES))))
+        allowed = tuple(dict.fromkeys((*sorted(LOGIT_SIGNAL_NAMES), *sorted(PROVIDERS))))
         unknown = sorted(requires - set(allowed))
         if unknown:
             raise ValueError(
                 f"selector {selector!r} requires unknown extra signals {unknown}; allowed values: {', '.join(allowed)}."
             )
-        unavailable = sorted((requires & frozenset(MODEL_SIGNALS)) - self.available_model_signals)
+        unavailable = sorted((requires & PROVIDERS.keys()) - self.provided_signals)
         if unavailable:
+            hints = dict.fromkeys(PROVIDERS[name].unavailable_hint for name in unavailable)
             raise ValueError(
-                f"selector {selector!r} requires {unavailable}, which this trainer cannot compute (the ssToken history "
-                "model is built at construction only for token_selection='sstoken' with sstoken_gamma > 0)."
+                f"selector {selector!r} requires {unavailable}, which this trainer cannot compute ({'; '.join(hints)})."
             )
         self.selector = selector
         self.requires = requires
 
     # ------------------------------------------------------------------ what the adapter must provide
-
-    @property
-    def model_signals(self) -> frozenset[str]:
-        """The extra per-token inputs the adapter must compute (model forwards) and pass in `TokenBatch.extras`."""
-        return self.requires & frozenset(MODEL_SIGNALS)
 
     @property
     def signal_plan(self) -> SignalPlan:
@@ -321,7 +312,7 @@ class TokenSelectionEngine:
         Returns:
             `tuple`: The scalar loss and the [`SelectionRecord`].
         """
-        missing = sorted(self.model_signals - set(batch.extras))
+        missing = sorted((self.requires & PROVIDERS.keys()) - set(batch.extras))
         if missing:
             raise ValueError(f"The selector needs the extra signals {missing}, which the trainer did not compute.")
         # ZeRO-3 partitioned heads are gathered for the signals pass and the loss (a no-op otherwise).

@@ -3,21 +3,26 @@
 TRL's card credits the trainer's own paper under "Cite {trainer} as"; for a trl-tip trainer that would credit GKD's
 paper as the method. This card credits each paper for what it contributed: TIP (arXiv 2604.14084) for the token
 selection, ssToken (arXiv 2510.18250) when its rule is used, and the base TRL trainer's paper (GKD's, for both
-`GKDTrainer` and `DistillationTrainer`) as that trainer's method, with TRL's own citation. Otherwise it is TRL's
+`GKDTrainer` and `DistillationTrainer`) as that trainer's method, with TRL's own citation. A selector credits its own
+paper through a `paper` attribute (`name`, `title`, `id`, `citation`; e.g. ssToken's selector). Otherwise it is TRL's
 `lm_model_card.md`: the same front matter, quick start, tracker badges and framework versions.
 """
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+from transformers import is_wandb_available
+
+from ._compat import get_comet_experiment_url, get_trackio_space_url
 
 
-__all__ = ["SSTOKEN_PAPER", "TIP_PAPER", "selector_parts", "tip_model_card"]
+__all__ = ["TIP_PAPER", "rule_papers", "selector_parts", "tip_model_card", "write_model_card"]
 
 TIP_PAPER = {
     "title": "TIP: Token Importance in On-Policy Distillation",
@@ -32,22 +37,6 @@ TIP_PAPER = {
             archivePrefix = {arXiv},
             primaryClass = {cs.LG},
             url          = {https://arxiv.org/abs/2604.14084},
-        }"""),
-}
-
-SSTOKEN_PAPER = {
-    "title": "ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning",
-    "id": "2510.18250",
-    # docstyle-ignore
-    "citation": textwrap.dedent("""\
-        @misc{qin2025sstoken,
-            title        = {{ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning}},
-            author       = {Xiaohan Qin and Xiaoxing Wang and Ning Liao and Cancheng Zhang and Xiangdong Zhang and Mingquan Feng and Jingzhi Wang and Junchi Yan},
-            year         = 2025,
-            eprint       = {2510.18250},
-            archivePrefix = {arXiv},
-            primaryClass = {cs.AI},
-            url          = {https://arxiv.org/abs/2510.18250},
         }"""),
 }
 
@@ -92,7 +81,7 @@ print(output["generated_text"])
 {% if trackio_url %}[<img src="https://raw.githubusercontent.com/gradio-app/trackio/refs/heads/main/trackio/assets/badge.png" alt="Visualize in Trackio" title="Visualize in Trackio" width="150" height="24"/>]({{ trackio_url }}){% endif %}
 {% if comet_url %}[<img src="https://raw.githubusercontent.com/comet-ml/comet-examples/master/logo/comet_badge.png" alt="Visualize in Comet" width="150" height="24"/>]({{ comet_url }}){% endif %}
 
-This model was trained with {{ trainer_name }}: TRL's {{ base_trainer }}{% if base_paper_id %} ({{ base_method }}, a method introduced in [{{ base_paper_title }}](https://huggingface.co/papers/{{ base_paper_id }})){% endif %}, with the distillation loss computed only on the completion tokens selected by `{{ selection }}` (trl-tip), following [{{ tip_title }}](https://huggingface.co/papers/{{ tip_id }}){% if sstoken_id %} and, for the ssToken rule, [{{ sstoken_title }}](https://huggingface.co/papers/{{ sstoken_id }}){% endif %}.
+This model was trained with {{ trainer_name }}: TRL's {{ base_trainer }}{% if base_paper_id %} ({{ base_method }}, a method introduced in [{{ base_paper_title }}](https://huggingface.co/papers/{{ base_paper_id }})){% endif %}, with the distillation loss computed only on the completion tokens selected by `{{ selection }}` (trl-tip), following [{{ tip_title }}](https://huggingface.co/papers/{{ tip_id }}){% for paper in rule_papers %} and, for the {{ paper.name }} rule, [{{ paper.title }}](https://huggingface.co/papers/{{ paper.id }}){% endfor %}.
 
 ### Framework versions
 
@@ -122,11 +111,21 @@ def _version(package: str) -> str:
 
 
 def selector_parts(selector: Any) -> Iterator[Any]:
-    """The selector and every selector inside it (`Intersect` / `Union` parts, `SSToken.attention_only()`'s base)."""
+    """The selector and every selector inside it (`Intersect` / `Union` parts, a schedule view's `base`)."""
     yield selector
     for part in (getattr(selector, name, None) for name in ("first", "second", "base")):
         if part is not None:
             yield from selector_parts(part)
+
+
+def rule_papers(selector: Any) -> list[dict[str, str]]:
+    """The `paper` of every part of `selector` that has one, once each, in order."""
+    papers = []
+    for part in selector_parts(selector):
+        paper = getattr(part, "paper", None)
+        if paper is not None and paper not in papers:
+            papers.append(paper)
+    return papers
 
 
 def tip_model_card(
@@ -140,7 +139,7 @@ def tip_model_card(
     base_trainer: str,
     base_paper: dict[str, str],
     selection: str,
-    uses_sstoken: bool,
+    rule_papers: list[dict[str, str]] = (),
     wandb_url: str | None = None,
     trackio_url: str | None = None,
     comet_url: str | None = None,
@@ -154,14 +153,13 @@ def tip_model_card(
         base_trainer (`str`): The TRL trainer it extends (`GKDTrainer`, `DistillationTrainer`).
         base_paper (`dict`): That trainer's `_paper` (`title`, `id`, `citation`), credited as its method.
         selection (`str`): What selected the tokens, e.g. `token_selection="tip", keep_ratio=0.5`.
-        uses_sstoken (`bool`): Whether the selection uses ssToken's rule (credits its paper).
+        rule_papers (`list[dict]`): Papers of the selection rules used besides TIP ([`rule_papers`]), credited.
     """
     base_method = "GKD" if base_paper.get("id") == GKD_PAPER_ID else f"TRL's {base_trainer}"
     from . import __version__
 
     citations = [("TIP", TIP_PAPER["citation"])]
-    if uses_sstoken:
-        citations.append(("ssToken", SSTOKEN_PAPER["citation"]))
+    citations += [(paper["name"], paper["citation"]) for paper in rule_papers]
     if base_paper.get("citation"):
         citations.append((base_method, base_paper["citation"]))
     citations.append(("TRL", TRL_CITATION))
@@ -191,8 +189,7 @@ def tip_model_card(
         selection=selection,
         tip_title=TIP_PAPER["title"],
         tip_id=TIP_PAPER["id"],
-        sstoken_title=SSTOKEN_PAPER["title"] if uses_sstoken else None,
-        sstoken_id=SSTOKEN_PAPER["id"] if uses_sstoken else None,
+        rule_papers=list(rule_papers),
         citations=citations,
         trl_tip_version=__version__,
         trl_version=_version("trl"),
@@ -201,3 +198,51 @@ def tip_model_card(
         datasets_version=_version("datasets"),
         tokenizers_version=_version("tokenizers"),
     )
+
+
+def write_model_card(
+    trainer: Any, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+) -> None:
+    """Writes `README.md` in `trainer.args.output_dir` as TRL's trainers do (`Trainer.create_model_card`), crediting
+    TIP for the token selection, the papers of the selector's rules and the base trainer's paper as its method."""
+    if not trainer.is_world_process_zero():
+        return
+    model_id = getattr(trainer.model.config, "name_or_path", None)
+    base_model = model_id if model_id and not os.path.isdir(model_id) else None
+    tags = set() if tags is None else {tags} if isinstance(tags, str) else set(tags)
+    if hasattr(trainer.model.config, "unsloth_version"):
+        tags.add("unsloth")
+    if "JOB_ID" in os.environ:
+        tags.add("hf_jobs")
+    tags.update(trainer._tag_names)
+    trackio_url = get_trackio_space_url()
+    if trackio_url is not None:
+        tags = {tag for tag in tags if not tag.startswith("trackio:")} | {f"trackio:{trackio_url}"}
+    wandb_url = None
+    if is_wandb_available():
+        import wandb
+
+        wandb_url = wandb.run.url if wandb.run is not None else None
+    args = trainer.args
+    if trainer._tip_custom_selector:
+        selection = f"a custom selector ({type(trainer.selector).__name__})"
+    else:
+        selection = f'token_selection="{args.token_selection}"'
+        if getattr(args, "keep_ratio", None) is not None:
+            selection += f", keep_ratio={args.keep_ratio}"
+    card = tip_model_card(
+        base_model=base_model,
+        model_name=model_name,
+        hub_model_id=trainer.hub_model_id,
+        dataset_name=dataset_name,
+        tags=sorted(tags),
+        trainer_name=type(trainer).__name__,
+        base_trainer=trainer._tip_base_trainer.__name__,
+        base_paper=trainer._tip_base_trainer._paper,
+        selection=selection,
+        rule_papers=rule_papers(trainer.selector),
+        wandb_url=wandb_url,
+        trackio_url=trackio_url,
+        comet_url=get_comet_experiment_url(),
+    )
+    card.save(os.path.join(args.output_dir, "README.md"))

@@ -32,11 +32,9 @@ from .rules import (
 
 
 def __getattr__(name: str):
-    # The names of the registered rules; a function of the registry, so that rules registered by other packages
-    # (ssToken registers itself on import) are listed.
+    # The names of the registered rules; a function of the registry, so that rules registered by plug-ins (imported
+    # by `trl_tip/__init__.py`) are listed.
     if name == "TOKEN_SELECTIONS":
-        from .. import sstoken  # noqa: F401  (registers the sstoken rule)
-
         return tuple(RULES)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

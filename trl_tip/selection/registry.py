@@ -59,8 +59,9 @@ class RuleSpec:
         required: Options the rule cannot do without (no default).
         summary: One line for the help text and the docs.
         source: Where the rule comes from (e.g. `"TIP Eq. 7-8"`), or `"trl-tip"` for our own.
-        validate: Checks that need several options at once (called after each option's own check and after the
-            defaults are filled in); raises `ValueError`.
+        validate: Checks that need several options at once, `validate(args, given)` with `given` the names of the
+            rule-specific options the user set (called after each option's own check and after the defaults are
+            filled in); raises `ValueError`.
     """
 
     name: str
@@ -72,7 +73,7 @@ class RuleSpec:
     required: tuple[str, ...] = ()
     summary: str = ""
     source: str = "trl-tip"
-    validate: Callable[[Any], None] | None = None
+    validate: Callable[[Any, frozenset[str]], None] | None = None
 
 
 RULES: dict[str, RuleSpec] = {}

@@ -10,6 +10,7 @@ warm-up is a [`SelectionScheduleCallback`] phase that uses [`SSToken.attention_o
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "PROMPT_ATTENTION",
     "SSTOKEN_DEFAULTS",
     "SSTOKEN_LOSSES",
+    "SSTOKEN_PAPER",
     "SSToken",
     "history_requirement",
     "per_sequence_minmax",
@@ -44,6 +46,24 @@ __all__ = [
 SSTOKEN_LOSSES = ("nll", "divergence")
 DEFAULT_SSTOKEN_LOSS = "nll"  # the paper's REL; on the quality benchmark "divergence" collapsed the student
 PROMPT_ATTENTION = "prompt_attention"
+
+# The paper a model card credits when the rule is used (`trl_tip.model_card.rule_papers` reads `SSToken.paper`).
+SSTOKEN_PAPER = {
+    "name": "ssToken",
+    "title": "ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning",
+    "id": "2510.18250",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @misc{qin2025sstoken,
+            title        = {{ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning}},
+            author       = {Xiaohan Qin and Xiaoxing Wang and Ning Liao and Cancheng Zhang and Xiangdong Zhang and Mingquan Feng and Jingzhi Wang and Junchi Yan},
+            year         = 2025,
+            eprint       = {2510.18250},
+            archivePrefix = {arXiv},
+            primaryClass = {cs.AI},
+            url          = {https://arxiv.org/abs/2510.18250},
+        }"""),
+}
 
 
 def history_requirement(loss: str) -> str:
@@ -182,6 +202,8 @@ class SSToken:
         budget_scope (`str`, *optional*, defaults to `"rollout"`): `"rollout"` (per sequence) or `"batch"`.
         score_order (`str`, *optional*, defaults to `"highest"`): `"highest"` or `"lowest"`.
     """
+
+    paper = SSTOKEN_PAPER
 
     def __init__(
         self,
@@ -376,9 +398,11 @@ def _integer(name: str, low: int | None):
     return check
 
 
-def _validate_sstoken(args) -> None:
+def _validate_sstoken(args, given: frozenset[str]) -> None:
     """Cross-option checks of the `sstoken` rule; drops the options its configuration does not read."""
-    given = getattr(args, "_tip_given_options", set())
+    # The history provider refuses an explicit sstoken_history_device that a LoRA student's base-model history
+    # cannot use (known only with the model); it reads which options were given from here.
+    args._sstoken_given_options = given
     if "sstoken_warmup_steps" in given and "sstoken_warmup_ratio" in given:
         raise ValueError(
             f"Give sstoken_warmup_ratio or sstoken_warmup_steps, not both; got sstoken_warmup_ratio="

@@ -1,4 +1,4 @@
-"""What both trainer adapters share: the engine's set-up, the forward passes around it, logging and checkpoints.
+"""What both trainer adapters share: the engine's set-up, the forward passes around it, the signal providers, logging.
 
 [`TIPTrainerMixin`] sits before the TRL trainer in the MRO (`class TIPTrainer(TIPTrainerMixin, GKDTrainer)`). An
 adapter provides
@@ -6,65 +6,32 @@ adapter provides
 - `_tip_backbone(unwrapped, view)`: the final hidden states of an unwrapped model on a [`ForwardView`] (a `(B, L, d)`
   tensor whose column `j` is the state at shifted position `view.hidden_offset + j`), without logits;
 
-and calls [`TIPTrainerMixin._tip_loss`] from its loss computation. Everything else — the teacher pass, ssToken's
-extra signals, the engine, statistics in the logs, the selection state in checkpoints, observers — is here.
+and calls [`TIPTrainerMixin._tip_loss`] from its loss computation. Everything else — the teacher pass, the signal
+providers of the selector's per-token inputs (`trl_tip.plugins`), the engine, statistics in the logs, observers — is
+here; the selection state in checkpoints is in `checkpoint.py`, the model card in `trl_tip.model_card`.
 """
 
 from __future__ import annotations
 
-import os
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import is_wandb_available
-from transformers.utils import is_peft_available, logging
 
-from .._compat import (
-    TRAINER_STATE_NAME,
-    ForwardRedirection,
-    checkpoint_dir,
-    get_comet_experiment_url,
-    get_trackio_space_url,
-    sort_checkpoints,
-)
+from .._compat import ForwardRedirection
 from ..engine import SelectionRecord, StepTokens, TokenBatch, TokenSelectionEngine
 from ..loss import OutputHead
-from ..model_card import TIP_PAPER, selector_parts, tip_model_card
+from ..model_card import TIP_PAPER, write_model_card
+from ..plugins import PROVIDERS, ProviderBatch, SignalProvider
 from ..selection import TokenSelector, build_selector
 from ..selection.context import Processes
-from ..signals import history_token_losses
-from ..sstoken import (
-    PROMPT_ATTENTION,
-    SSTOKEN_DEFAULTS,
-    HistoryEMACallback,
-    ModelHistory,
-    SSToken,
-    SSTokenWarmupCallback,
-)
-from ..sstoken.attention import capture_attention_inputs, prompt_attention_mass, self_attention_layer
+from .backbone import causal_lm
+from .checkpoint import TIPCheckpointMixin
 
 
-if is_peft_available():
-    from peft import PeftModel
-
-
-__all__ = [
-    "ForwardView",
-    "TIPTrainerMixin",
-    "backbone_hidden",
-    "backbone_of",
-    "causal_lm",
-    "check_peft_student",
-    "default_config",
-]
-
-logger = logging.get_logger(__name__)
-
-TIP_STATE_NAME = "tip_state_rank{rank}.pt"
-HISTORY_STATE_NAME = "sstoken_history.pt"
+__all__ = ["ForwardView", "TIPTrainerMixin", "default_config"]
 
 
 def default_config(config_class: type, model: Any, trainer_name: str) -> Any:
@@ -72,55 +39,6 @@ def default_config(config_class: type, model: Any, trainer_name: str) -> Any:
     (`"{model name}-{trainer_name}"`, e.g. `Qwen3-0.6B-TIP` for `model="Qwen/Qwen3-0.6B"`)."""
     model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", None)
     return config_class(output_dir=f"{(model_id or '').split('/')[-1]}-{trainer_name}")
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The `PreTrainedModel` inside accelerate/DeepSpeed/DDP/FSDP and PEFT wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module
-    if is_peft_available() and isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return model
-
-
-def backbone_of(lm: nn.Module) -> nn.Module:
-    """The decoder stack of a causal LM, whose output is the final (normed) hidden state fed to `lm_head`."""
-    backbone = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
-    if backbone is None or backbone is lm:
-        backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if not isinstance(backbone, nn.Module):
-        raise ValueError(f"Cannot find the decoder of {type(lm).__name__}; trl-tip needs a causal LM with lm_head.")
-    return backbone
-
-
-def backbone_hidden(unwrapped: nn.Module, view: ForwardView) -> torch.Tensor:
-    """Final hidden states `(B, T - 1, d)` of a causal LM on `view` (the last position predicts nothing trained)."""
-    out = backbone_of(causal_lm(unwrapped))(
-        input_ids=view.input_ids, attention_mask=view.attention_mask, use_cache=False, **view.model_kwargs
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[:, :-1]
-
-
-def check_peft_student(model: nn.Module) -> None:
-    """Refuses PEFT set-ups the hidden-state loss cannot train correctly (as TRL's `DistillationTrainer` does).
-
-    Prompt-learning methods (prompt tuning, prefix tuning, P-tuning) prepend virtual tokens or key/values inside
-    `PeftModel.forward`, which the loss bypasses by running the decoder stack directly: the completion positions it
-    reads would be the wrong ones. (An adapter on `lm_head` works with trl-tip's loss, but TRL's trainers refuse it
-    before this check.)
-    """
-    if not (is_peft_available() and isinstance(model, PeftModel)):
-        return
-    from peft import PromptLearningConfig
-
-    if any(isinstance(cfg, PromptLearningConfig) for cfg in model.peft_config.values()):
-        methods = sorted({type(cfg).__name__ for cfg in model.peft_config.values()})
-        raise ValueError(
-            f"Prompt-learning PEFT methods are not supported (got {', '.join(methods)}): they prepend virtual tokens "
-            "inside PeftModel.forward, so the completion positions the token-level loss reads would be shifted. Use "
-            "a weight adapter such as LoRA (peft.LoraConfig) instead."
-        )
 
 
 @dataclass
@@ -131,7 +49,7 @@ class ForwardView:
         input_ids: `(B, T)` prompt and completion tokens.
         attention_mask: `(B, T)`, 1 at real tokens.
         loss_mask: `(B, T - 1)` boolean: the hidden state at shifted position `p` is trained to predict token `p + 1`.
-        prompt_mask: `(B, T)` boolean: the prompt tokens of each row (for the ssToken attention score).
+        prompt_mask: `(B, T)` boolean: the prompt tokens of each row (e.g. for a prompt-attention signal).
         hidden_offset: Shifted position of the first column of the hidden states `_tip_backbone` returns.
         model_kwargs: Further inputs of the forward (e.g. multimodal fields), passed to `_tip_backbone`.
     """
@@ -151,7 +69,7 @@ class ForwardView:
         return labels
 
 
-class TIPTrainerMixin:
+class TIPTrainerMixin(TIPCheckpointMixin):
     """Token selection for a TRL distillation trainer; see the module docstring."""
 
     # The TRL trainer the adapter extends (its name and `_paper` go into the model card as the base method).
@@ -162,12 +80,13 @@ class TIPTrainerMixin:
     # Set by `_init_tip`.
     tip_engine: TokenSelectionEngine
     selector: TokenSelector
-    sstoken_history: ModelHistory | None = None
+    # Signal name -> the provider computing it (one provider may compute several signals).
+    tip_providers: dict[str, SignalProvider]
 
     # ------------------------------------------------------------------ set-up
 
     def _init_tip(self, args, selector: TokenSelector | None, beta: float, temperature: float = 1.0) -> None:
-        """Builds the engine (and ssToken's history model when the rule needs one); call after `Trainer.__init__`."""
+        """Builds the engine and the signal providers its selector requires; call after `Trainer.__init__`."""
         self.selector = selector if selector is not None else build_selector(args)
         self._tip_custom_selector = selector is not None
         if getattr(self, "_forward_redirection", None) is None:
@@ -181,64 +100,27 @@ class TIPTrainerMixin:
             temperature=temperature,
             device=self.accelerator.device,
         )
-        # ssToken: the history model (if the selector needs one), the attention layer and the attention-only warm-up.
-        self.sstoken_history = None
-        if any(name.startswith("history_") for name in self.tip_engine.model_signals):
-            self.sstoken_history = self._build_history(args)
-        else:
-            self.tip_engine.available_model_signals = frozenset({PROMPT_ATTENTION})
-        layer = getattr(args, "sstoken_attention_layer", None)
-        self._sstoken_attention_layer = SSTOKEN_DEFAULTS["sstoken_attention_layer"] if layer is None else layer
-        warmup = None
-        if isinstance(self.selector, SSToken) and self.selector.gamma > 0:
-            ratio, steps = getattr(args, "sstoken_warmup_ratio", None), getattr(args, "sstoken_warmup_steps", None)
-            if steps:
-                warmup = SSTokenWarmupCallback(self.selector, warmup_steps=steps)
-            elif ratio:
-                warmup = SSTokenWarmupCallback(self.selector, warmup_ratio=ratio)
-        if PROMPT_ATTENTION in self.tip_engine.model_signals or warmup is not None:
-            self_attention_layer(causal_lm(self.accelerator.unwrap_model(self.model)), self._sstoken_attention_layer)
         self._tip_last_logged_step = 0
         # (optimizer step, eligible tokens of each of its rollouts over all processes, micro-batches per process)
         self._tip_step_lengths: tuple[int, torch.Tensor, int] | None = None
-        if warmup is not None:
-            self.add_callback(warmup)
+        self.tip_providers = {}
+        for name in sorted(self.tip_engine.requires & PROVIDERS.keys()):
+            self._tip_provider(name)
+        # A later selector (a schedule phase) may require only what a built or on-demand provider computes.
+        on_demand = {name for name, cls in PROVIDERS.items() if cls.build_on_demand}
+        self.tip_engine.provided_signals = frozenset(self.tip_providers) | on_demand
         self._bind_tip_callbacks()
 
-    def _build_history(self, args) -> ModelHistory:
-        """The ssToken history model of the student, and the callback that updates it when it is an EMA.
+    def _tip_provider(self, name: str) -> SignalProvider:
+        """The provider of signal `name`, built (once, for all its signals) on first use."""
+        if name not in self.tip_providers:
+            provider = PROVIDERS[name](self, self.args)
+            self.tip_providers.update(dict.fromkeys(type(provider).provides, provider))
+        return self.tip_providers[name]
 
-        `fixed` (default): the student before training, the base model with the adapter disabled for a LoRA student
-        whose adapter is still a no-op (no copy), else a frozen copy of the trainable weights; `ema`: an EMA copy.
-        """
-
-        def option(name: str):
-            value = getattr(args, name)
-            return SSTOKEN_DEFAULTS[name] if value is None else value
-
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "The ssToken history model swaps whole parameters into the student, which FSDP and DeepSpeed ZeRO-3 "
-                "shard; use DDP or ZeRO-1/2, or a selector without a history model (sstoken_gamma=0)."
-            )
-        history = ModelHistory(
-            self.model,
-            decay=option("sstoken_ema_decay"),
-            mode=option("sstoken_history"),
-            device=option("sstoken_history_device"),
-        )
-        if history.uses_base_model and "sstoken_history_device" in getattr(args, "_tip_given_options", ()):
-            raise ValueError(
-                "sstoken_history_device is not used: the history model of this PEFT student is its base model with "
-                "the adapter disabled, which copies no weight. Leave sstoken_history_device unset, or use "
-                "sstoken_history='ema' (an adapter-sized copy)."
-            )
-        if history.mode == "ema":
-            self.add_callback(HistoryEMACallback(history, option("sstoken_ema_update_interval")))
-        logger.info(f"ssToken history model: {history!r}, {history.nbytes / 2**20:.1f} MiB.")
-        return history
+    def _tip_provider_list(self) -> list[SignalProvider]:
+        """Each built provider once, in the order they were built."""
+        return list({id(p): p for p in getattr(self, "tip_providers", {}).values()}.values())
 
     def add_callback(self, callback) -> None:
         """`Trainer.add_callback`; a callback with `on_selection(record, engine)` also observes the engine, and one
@@ -298,55 +180,54 @@ class TIPTrainerMixin:
         training: bool,
         base_count: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, SelectionRecord]:
-        """Teacher, ssToken extras, student, then the engine: the loss of one micro-batch on its kept tokens.
+        """Teacher, signal providers, student, then the engine: the loss of one micro-batch on its kept tokens.
 
         Call it inside the student's forward (`_forward_redirection`); `student` is the unwrapped student, `teacher`
         the teacher as prepared by the trainer (wrapped or not). `base_count` is the base trainer's divisor of this
         loss with every token kept (see [`StepTokens`]); in training the rollouts of the optimizer step come from
         [`_tip_count_step`].
         """
-        if getattr(self, "_tip_reset_history_after_load", False):
-            # Resumed from a checkpoint without a saved history: restart it from the resumed weights, which
-            # Trainer, DeepSpeed or FSDP have loaded by the first loss.
-            self.sstoken_history.reset(self.model)
-            self._tip_reset_history_after_load = False
         seq_idx, pos_idx = view.loss_mask.nonzero(as_tuple=True)
         targets = view.input_ids[:, 1:][seq_idx, pos_idx]
         cols = pos_idx - view.hidden_offset
         engine = self.tip_engine
-        requires = engine.model_signals
-        # The teacher (and the history model, if asked) run first, so that no student graph is alive while the
-        # history weights are swapped into the student.
+        # The teacher (and the providers' own forwards, e.g. a history model) run first, so that no student graph is
+        # alive while a provider swaps weights into the student.
         teacher.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(teacher)
         with torch.no_grad():
             teacher_hidden = self._tip_hidden(teacher, view, unwrapped_teacher, redirect=True)[seq_idx, cols]
         unwrapped_student = self.accelerator.unwrap_model(student)
         teacher_head = OutputHead.from_model(causal_lm(unwrapped_teacher))
-        extras: dict[str, torch.Tensor] = {}
-        history_kinds = tuple(name[len("history_") :] for name in sorted(requires) if name.startswith("history_"))
-        if history_kinds:
-            extras.update(
-                self._history_signals(student, unwrapped_student, view, seq_idx, cols, targets, teacher_hidden)
-            )
-        capture = (
-            capture_attention_inputs(causal_lm(unwrapped_student), self._sstoken_attention_layer)
-            if PROMPT_ATTENTION in requires
-            else nullcontext()
+        for name in sorted(engine.requires & PROVIDERS.keys()):
+            self._tip_provider(name)  # a stateless provider a later selector needs is built on first use
+        inputs = ProviderBatch(
+            requires=engine.requires,
+            view=view,
+            seq_idx=seq_idx,
+            pos_idx=pos_idx,
+            targets=targets,
+            model=self.model,
+            student=unwrapped_student,
+            hidden=self._tip_backbone,
+            student_head=lambda: OutputHead.from_model(causal_lm(unwrapped_student)),
+            teacher_hidden=teacher_hidden,
+            teacher_head=teacher_head,
+            beta=engine.beta,
+            temperature=engine.temperature,
+            chunk_size=self.args.tip_chunk_size,
         )
-        with capture as attention_inputs:
+        providers = self._tip_provider_list()
+        extras: dict[str, torch.Tensor] = {}
+        for provider in providers:
+            extras.update(provider.before_student(inputs))
+        with ExitStack() as stack:
+            during = [stack.enter_context(provider.around_student(inputs)) for provider in providers]
             student_hidden = self._tip_hidden(student, view, unwrapped_student)
-        hidden = student_hidden[seq_idx, cols]
-        del student_hidden
-        if PROMPT_ATTENTION in requires:
-            extras[PROMPT_ATTENTION] = prompt_attention_mass(
-                attention_inputs,
-                view.attention_mask,
-                view.prompt_mask,
-                seq_idx,
-                pos_idx + 1,
-                chunk_size=self.args.tip_chunk_size,
-            )
+            hidden = student_hidden[seq_idx, cols]
+            del student_hidden
+        for values in during:
+            extras.update(values)
         batch = TokenBatch(
             student_hidden=hidden,
             teacher_hidden=teacher_hidden,
@@ -388,44 +269,7 @@ class TIPTrainerMixin:
         )
         return lengths.sum()
 
-    def _history_signals(
-        self,
-        student: nn.Module,
-        unwrapped_student: nn.Module,
-        view: ForwardView,
-        seq_idx: torch.Tensor,
-        cols: torch.Tensor,
-        targets: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Per-token losses of the history model (`history_nll`, `history_divergence`), in eval mode, no grad."""
-        if self.sstoken_history is None:
-            raise RuntimeError("The selector needs a history model but the trainer built none.")
-        kinds = tuple(
-            name[len("history_") :] for name in sorted(self.tip_engine.model_signals) if name.startswith("history_")
-        )
-        was_training = unwrapped_student.training
-        unwrapped_student.eval()
-        try:
-            with torch.no_grad(), self.sstoken_history.swapped_in(self.model):
-                hidden = self._tip_hidden(unwrapped_student, view, unwrapped_student)[seq_idx, cols]
-                # The head may be trained (or tied to trained embeddings): project inside the swap.
-                losses = history_token_losses(
-                    hidden,
-                    targets,
-                    OutputHead.from_model(causal_lm(unwrapped_student)),
-                    kinds,
-                    teacher_hidden=teacher_hidden,
-                    teacher_head=OutputHead.from_model(causal_lm(self.accelerator.unwrap_model(self.teacher_model))),
-                    beta=self.tip_engine.beta,
-                    chunk_size=self.args.tip_chunk_size,
-                    temperature=self.tip_engine.temperature,
-                )
-        finally:
-            unwrapped_student.train(was_training)
-        return {f"history_{kind}": value for kind, value in losses.items()}
-
-    # ------------------------------------------------------------------ logging
+    # ------------------------------------------------------------------ logging, evaluation, model card
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the `tip/...` statistics accumulated since the last logging step to the training logs."""
@@ -443,135 +287,10 @@ class TIPTrainerMixin:
         self.tip_engine.start_evaluation()
         return super().evaluate(*args, **kwargs)
 
-    # ------------------------------------------------------------------ model card
-
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
     ) -> None:
-        """Writes `README.md` in `output_dir` as TRL's trainers do, crediting TIP for the token selection, ssToken when
-        its rule is used and the base trainer's paper (GKD's) as that trainer's method (see `trl_tip.model_card`)."""
-        if not self.is_world_process_zero():
-            return
-        model_id = getattr(self.model.config, "name_or_path", None)
-        base_model = model_id if model_id and not os.path.isdir(model_id) else None
-        tags = set() if tags is None else {tags} if isinstance(tags, str) else set(tags)
-        if hasattr(self.model.config, "unsloth_version"):
-            tags.add("unsloth")
-        if "JOB_ID" in os.environ:
-            tags.add("hf_jobs")
-        tags.update(self._tag_names)
-        trackio_url = get_trackio_space_url()
-        if trackio_url is not None:
-            tags = {tag for tag in tags if not tag.startswith("trackio:")} | {f"trackio:{trackio_url}"}
-        wandb_url = None
-        if is_wandb_available():
-            import wandb
-
-            wandb_url = wandb.run.url if wandb.run is not None else None
-        if self._tip_custom_selector:
-            selection = f"a custom selector ({type(self.selector).__name__})"
-        else:
-            selection = f'token_selection="{self.args.token_selection}"'
-            if getattr(self.args, "keep_ratio", None) is not None:
-                selection += f", keep_ratio={self.args.keep_ratio}"
-        uses_sstoken = self.args.token_selection == "sstoken" or any(
-            isinstance(part, SSToken) for part in selector_parts(self.selector)
-        )
-        card = tip_model_card(
-            base_model=base_model,
-            model_name=model_name,
-            hub_model_id=self.hub_model_id,
-            dataset_name=dataset_name,
-            tags=sorted(tags),
-            trainer_name=type(self).__name__,
-            base_trainer=self._tip_base_trainer.__name__,
-            base_paper=self._tip_base_trainer._paper,
-            selection=selection,
-            uses_sstoken=uses_sstoken,
-            wandb_url=wandb_url,
-            trackio_url=trackio_url,
-            comet_url=get_comet_experiment_url(),
-        )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _tip_state(self) -> dict[str, Any]:
-        return {**self.tip_engine.state_dict(), "last_logged_step": self._tip_last_logged_step}
-
-    def _save_checkpoint(self, model, trial):
-        """`Trainer._save_checkpoint`, with the selection state (and the ssToken history) written into the new
-        checkpoint first: `Trainer` deletes old checkpoints (`save_total_limit`) at the end of its save, so a run
-        killed there still leaves a complete newest checkpoint. Complete = `trainer_state.json` (written by `Trainer`
-        after the weights and optimizer) and every rank's TIP state (see `train`)."""
-        output_dir = checkpoint_dir(self, trial)
-        os.makedirs(output_dir, exist_ok=True)
-        if self.sstoken_history is not None and self.args.should_save:
-            torch.save(self.sstoken_history.state_dict(), os.path.join(output_dir, HISTORY_STATE_NAME))
-        path = os.path.join(output_dir, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
-        torch.save(self._tip_state(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: present means whole
-        if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()  # every rank's state is written before rank 0 rotates
-        super()._save_checkpoint(model, trial)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`; with `resume_from_checkpoint=True` it resumes from the newest *complete* checkpoint.
-
-        A run killed while saving leaves a checkpoint folder without its trainer state or TIP state, which `Trainer`
-        would pick and fail on; such folders are skipped with a warning. A checkpoint is complete when it holds
-        `trainer_state.json` (written after the weights and optimizer) and the TIP state of every rank (written before
-        `Trainer` saves anything, so before it deletes old checkpoints); if none does (checkpoints written by
-        another trainer), the newest holding `trainer_state.json` is used. The selection state (statistics, selector,
-        ssToken history) is restored here, before `Trainer.train`, whatever loads the model weights (`Trainer`
-        itself, DeepSpeed or FSDP).
-        """
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            resume_from_checkpoint = self._last_complete_checkpoint(self.args.output_dir)
-        if isinstance(resume_from_checkpoint, str):
-            self._load_tip_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def _last_complete_checkpoint(self, output_dir: str) -> str:
-        candidates = sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []
-        with_state = [c for c in candidates if os.path.isfile(os.path.join(c, TRAINER_STATE_NAME))]
-        ranks = range(self.accelerator.num_processes)
-        complete = [
-            c for c in with_state if all(os.path.isfile(os.path.join(c, TIP_STATE_NAME.format(rank=r))) for r in ranks)
-        ]
-        chosen = (complete or with_state or [None])[-1]
-        if chosen is None:
-            raise ValueError(
-                f"No complete checkpoint in {output_dir} to resume from (found {candidates or 'none'}); start without "
-                "resume_from_checkpoint or pass the path of a checkpoint."
-            )
-        skipped = candidates[candidates.index(chosen) + 1 :]
-        if skipped:
-            logger.warning(
-                f"Skipping incomplete checkpoint(s) {skipped} (a run interrupted while saving); resuming from {chosen}."
-            )
-        return chosen
-
-    def _load_tip_state(self, checkpoint: str) -> None:
-        """Restores the engine's state and the ssToken history saved with `checkpoint` (warns if missing)."""
-        if self.sstoken_history is not None:
-            history_path = os.path.join(checkpoint, HISTORY_STATE_NAME)
-            if os.path.isfile(history_path):
-                self.sstoken_history.load_state_dict(torch.load(history_path, map_location="cpu", weights_only=True))
-            else:
-                logger.warning(
-                    f"{history_path} is missing: an EMA ssToken history restarts from the resumed weights (selections "
-                    "differ from an uninterrupted run); a fixed one keeps the weights this trainer was built with."
-                )
-                self._tip_reset_history_after_load = True
-        path = os.path.join(checkpoint, TIP_STATE_NAME.format(rank=self.accelerator.process_index))
-        if not os.path.isfile(path):
-            logger.warning(
-                f"{path} is missing ({checkpoint} was not written by a trl-tip trainer with this number of "
-                "processes, or by a trl-tip version that wrote its state after the checkpoint rotation and was "
-                "interrupted in between): the token statistics start empty and a stateful selector starts fresh."
-            )
-            return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.tip_engine.load_state_dict(state)
-        self._tip_last_logged_step = int(state["last_logged_step"])
+        """Writes `README.md` in `output_dir` as TRL's trainers do, crediting TIP for the token selection, the papers
+        of the selector's rules and the base trainer's paper (GKD's) as that trainer's method (see
+        `trl_tip.model_card`)."""
+        write_model_card(self, model_name, dataset_name, tags)

@@ -14,7 +14,8 @@ from .._quiet import quiet_logger
 from ..config import TIPConfig
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
-from .common import ForwardView, TIPTrainerMixin, backbone_hidden, check_peft_student, default_config
+from .backbone import backbone_hidden, check_peft_student
+from .common import ForwardView, TIPTrainerMixin, default_config
 from .data_checks import (
     check_chat_columns,
     check_chat_template,

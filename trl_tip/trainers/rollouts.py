@@ -104,7 +104,7 @@ def _sharding_problem(trainer) -> str | None:
 
 
 def _model_problem(model: nn.Module, device: torch.device) -> str | None:
-    from .common import causal_lm
+    from .backbone import causal_lm
 
     problem = fast_generation_problem(model, device)
     if problem is None and not getattr(causal_lm(model), "_can_compile_fullgraph", False):
