@@ -58,7 +58,6 @@ from transformers import PrinterCallback  # noqa: E402
 
 from trl_tip import RandomTokens, SelectionCallback, TIPConfig, TIPTrainer, Union, build_selector  # noqa: E402
 from trl_tip._compat import GKDConfig, GKDTrainer  # noqa: E402
-from trl_tip.config import TIPArguments  # noqa: E402
 from trl_tip.selection.registry import RULES as REGISTERED_RULES  # noqa: E402
 from trl_tip.toy import make_model  # noqa: E402
 
@@ -116,7 +115,7 @@ class Rule:
         missing = [n for n in names if n not in REGISTERED_RULES]
         if missing:
             return f"needs the selection rule(s) {missing}, not registered in this trl-tip"
-        known = {f.name for f in fields(TIPArguments)}
+        known = {f.name for f in fields(TIPConfig)}  # plug-ins (ssToken) add their options to the config
         unknown = sorted(set(self.fields) - known)
         if unknown:
             return f"needs the TIPConfig option(s) {unknown}, not in this trl-tip"
