@@ -216,6 +216,12 @@ class TokenSelectionEngine:
     # ------------------------------------------------------------------ what the adapter must provide
 
     @property
+    def provider_requires(self) -> frozenset[str]:
+        """The signals the selector requires that signal providers compute (`trl_tip.plugins`), passed in
+        `TokenBatch.extras`."""
+        return self.requires & PROVIDERS.keys()
+
+    @property
     def signal_plan(self) -> SignalPlan:
         """The per-token signals of the logits the chunked pass computes: the axes, and the further divergences the
         selector requires (passed to it in `context.extras`)."""
@@ -312,7 +318,7 @@ class TokenSelectionEngine:
         Returns:
             `tuple`: The scalar loss and the [`SelectionRecord`].
         """
-        missing = sorted((self.requires & PROVIDERS.keys()) - set(batch.extras))
+        missing = sorted(self.provider_requires - set(batch.extras))
         if missing:
             raise ValueError(f"The selector needs the extra signals {missing}, which the trainer did not compute.")
         # ZeRO-3 partitioned heads are gathered for the signals pass and the loss (a no-op otherwise).

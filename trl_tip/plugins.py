@@ -52,7 +52,7 @@ class ProviderBatch:
         student: The unwrapped student (outside DDP/DeepSpeed wrappers).
         hidden: `hidden(unwrapped_model, view)`: the adapter's final hidden states `(B, L, d)` of a model on `view`,
             column `j` at shifted position `view.hidden_offset + j`.
-        student_head: `student -> OutputHead` of the student (call it inside any weight swap: the head may be trained).
+        student_head: `() -> OutputHead` of the student (call it inside any weight swap: the head may be trained).
         teacher_hidden: The teacher's final hidden states at the eligible positions, `(N, d_t)`.
         teacher_head: The teacher's `OutputHead`.
         beta: `beta` of the training loss's generalized JSD.
@@ -68,7 +68,7 @@ class ProviderBatch:
     model: torch.nn.Module
     student: torch.nn.Module
     hidden: Callable[[torch.nn.Module, Any], torch.Tensor]
-    student_head: Callable[[torch.nn.Module], Any]
+    student_head: Callable[[], Any]
     teacher_hidden: torch.Tensor
     teacher_head: Any
     beta: float

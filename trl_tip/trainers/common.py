@@ -104,7 +104,7 @@ class TIPTrainerMixin(TIPCheckpointMixin):
         # (optimizer step, eligible tokens of each of its rollouts over all processes, micro-batches per process)
         self._tip_step_lengths: tuple[int, torch.Tensor, int] | None = None
         self.tip_providers = {}
-        for name in sorted(self.tip_engine.requires & PROVIDERS.keys()):
+        for name in sorted(self.tip_engine.provider_requires):
             self._tip_provider(name)
         # A later selector (a schedule phase) may require only what a built or on-demand provider computes.
         on_demand = {name for name, cls in PROVIDERS.items() if cls.build_on_demand}
@@ -199,7 +199,7 @@ class TIPTrainerMixin(TIPCheckpointMixin):
             teacher_hidden = self._tip_hidden(teacher, view, unwrapped_teacher, redirect=True)[seq_idx, cols]
         unwrapped_student = self.accelerator.unwrap_model(student)
         teacher_head = OutputHead.from_model(causal_lm(unwrapped_teacher))
-        for name in sorted(engine.requires & PROVIDERS.keys()):
+        for name in sorted(engine.provider_requires):
             self._tip_provider(name)  # a stateless provider a later selector needs is built on first use
         inputs = ProviderBatch(
             requires=engine.requires,
