@@ -445,6 +445,24 @@ def test_config_defaults_and_validation(tmp_path):
     assert build_selector(attention_only).requires == {"prompt_attention"}
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"keep_ratio": 0.0}, r"^keep_ratio must be in \(0, 1\], got 0.0\.$"),
+        ({"keep_ratio": "0.5"}, r"^keep_ratio must be a number in \(0, 1\], got str '0.5'\.$"),
+        ({"gamma": 1.5}, r"^sstoken_gamma must be in \[0, 1\], got 1.5\.$"),
+        ({"budget_scope": "token"}, r"^budget_scope='token' is unknown; allowed values: rollout, batch\.$"),
+        ({"score_order": "middle"}, r"^score_order='middle' is unknown; allowed values: highest, lowest\.$"),
+    ],
+)
+def test_sstoken_constructor_runs_the_registry_checks(kwargs, message):
+    # The selector built directly gives the same message as TIPConfig (the registry's one check per option).
+    with pytest.raises(ValueError, match=message):
+        SSToken(**kwargs)
+    with pytest.raises(ValueError, match=r"^keep_ratio must be in \(0, 1\], got 1.5\.$"):
+        per_sequence_top_k(torch.ones(2), torch.zeros(2), 1.5)
+
+
 # ----------------------------------------------------------------------------- trainer
 
 

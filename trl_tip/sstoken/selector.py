@@ -17,8 +17,6 @@ import torch
 
 from ..selection.base import SelectionContext
 from ..selection.budget import (
-    BUDGET_SCOPES,
-    SCORE_ORDERS,
     dense_ids,
     group_counts,
     group_quotas,
@@ -26,6 +24,8 @@ from ..selection.budget import (
     planned_budget,
     scoped_top_k,
 )
+from ..selection.registry import check_option
+from ..selection.rules import check_keep_ratio
 from ..signals import TokenSignals
 
 
@@ -166,8 +166,7 @@ def per_sequence_top_k(
     Returns:
         `torch.Tensor`: Boolean keep-mask of shape `(N,)`.
     """
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+    keep_ratio = check_keep_ratio(keep_ratio)
     n = scores.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=scores.device)
@@ -213,15 +212,11 @@ class SSToken:
         budget_scope: str = "rollout",
         score_order: str = "highest",
     ):
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
-        if budget_scope not in BUDGET_SCOPES:
-            raise ValueError(f"budget_scope={budget_scope!r} is unknown; allowed values: {', '.join(BUDGET_SCOPES)}.")
-        if score_order not in SCORE_ORDERS:
-            raise ValueError(f"score_order={score_order!r} is unknown; allowed values: {', '.join(SCORE_ORDERS)}.")
-        self.keep_ratio = float(keep_ratio)
+        # The registry's checks (the same ones TIPConfig runs on sstoken_gamma, budget_scope and score_order).
+        check_option("sstoken_gamma", gamma)
+        check_option("budget_scope", budget_scope)
+        check_option("score_order", score_order)
+        self.keep_ratio = check_keep_ratio(keep_ratio)
         self.gamma = float(gamma)
         self.loss = loss
         self.budget_scope = budget_scope
