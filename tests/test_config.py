@@ -15,6 +15,24 @@ def test_is_a_gkd_config_with_gkd_options(tmp_path):
     assert c.token_selection == "entropy_sample" and c.keep_ratio == 0.5
 
 
+@pytest.mark.parametrize("kind", ["gkd", "distillation"])
+def test_base_config_fields_come_first(tmp_path, kind):
+    # TrainingArguments' positional order is kept (`TIPConfig("out")` sets output_dir, as `GKDConfig("out")` does);
+    # the trl-tip and plug-in options follow the base config's fields.
+    import dataclasses
+
+    from trl_tip import TIPDistillationConfig
+    from trl_tip._compat import DistillationConfig
+
+    config_class, base = (TIPConfig, GKDConfig) if kind == "gkd" else (TIPDistillationConfig, DistillationConfig)
+    ours = [f.name for f in dataclasses.fields(config_class)]
+    theirs = [f.name for f in dataclasses.fields(base)]
+    assert ours[: len(theirs)] == theirs
+    assert {"token_selection", "fast_generation", "sstoken_gamma"} <= set(ours[len(theirs) :])
+    c = config_class(str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none")
+    assert c.output_dir == str(tmp_path / "out") and c.fast_generation == "auto"
+
+
 def test_gkd_validation_still_applies(tmp_path):
     with pytest.raises(ValueError, match="lmbda"):
         cfg(tmp_path, lmbda=1.5)

@@ -446,7 +446,7 @@ class TIPGenerationArguments:
 
 
 @dataclass
-class TIPConfig(GKDConfig, *plugin_arguments(), TIPArguments, TIPGenerationArguments):
+class TIPConfig(*plugin_arguments(), TIPArguments, TIPGenerationArguments, GKDConfig):
     r"""
     Configuration class for [`TIPTrainer`]: every option of TRL's `GKDConfig` plus the token-selection options of
     [`TIPArguments`], the generation options of [`TIPGenerationArguments`] and the one below.
@@ -485,7 +485,7 @@ class TIPConfig(GKDConfig, *plugin_arguments(), TIPArguments, TIPGenerationArgum
 
 
 @dataclass
-class TIPDistillationConfig(DistillationConfig, *plugin_arguments(), TIPArguments, TIPGenerationArguments):
+class TIPDistillationConfig(*plugin_arguments(), TIPArguments, TIPGenerationArguments, DistillationConfig):
     r"""
     Configuration class for [`TIPDistillationTrainer`]: every option of TRL's `DistillationConfig` plus the
     token-selection options of [`TIPArguments`] and the generation options of [`TIPGenerationArguments`] (with
