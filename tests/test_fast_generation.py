@@ -294,3 +294,41 @@ def test_is_compile_failure():
         assert is_compile_failure(exc)  # dynamo's own error comes first in the chain
     assert not is_compile_failure(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_compile_failure(ValueError("a bad prompt"))
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_static_cache_keeps_one_dtype_whatever_autocast_the_caller_has(tmp_path, autocast_dtype):
+    # The static cache takes its dtype from the first keys it stores; a later call under another autocast state (e.g.
+    # the prepared model's accelerate autocast wrapper removed by a save) raised index_copy_'s dtype error on an H100.
+    trainer = make_trainer(tmp_path)
+    generator = install_cpu_fast_path(trainer)
+    generator.autocast_dtype = autocast_dtype
+    prompt_ids = tokenized_prompts(trainer, n=2)
+    trainer.model.train()
+    trainer._generate_single_turn(prompt_ids, None, {})
+    trainer._tip_generation_step = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer._generate_single_turn(prompt_ids, None, {})
+    trainer._tip_generation_step = None
+    with torch.autocast("cpu", enabled=False):
+        trainer._generate_single_turn(prompt_ids, None, {})
+    ((cache, _),) = generator._caches.values()
+    # (The values are v_proj's output, in the autocast dtype; the keys are promoted by the float32 rotary embedding.)
+    assert {layer.values.dtype for layer in cache.layers} == {autocast_dtype or torch.float32}
+    assert generator.num_cache_builds == 1
+
+
+def test_the_fast_path_decodes_under_the_accelerators_mixed_precision():
+    config = GenerationConfig(max_new_tokens=4, pad_token_id=0, eos_token_id=1)
+    args = SimpleNamespace(seed=0, generation_pad_to_multiple_of=8)
+
+    def built(native_amp, mixed_precision, fast=True):
+        accelerator = SimpleNamespace(native_amp=native_amp, mixed_precision=mixed_precision, process_index=3)
+        return rollouts.build_step_generator(config, args, accelerator, batch_size=2, fast=fast)
+
+    assert built(True, "bf16").autocast_dtype is torch.bfloat16
+    assert built(True, "fp16").autocast_dtype is torch.float16
+    assert built(False, "no").autocast_dtype is None  # full precision: the model's own dtype
+    assert built(False, "bf16").autocast_dtype is None  # DeepSpeed: the weights are cast, no autocast
+    dynamic = built(True, "bf16", fast=False)
+    assert dynamic.autocast_dtype is None and dynamic.process_index == 3  # the default path keeps the caller's

@@ -19,6 +19,7 @@ micro-batch at a time). Three pieces make that fast and reproducible:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -348,6 +349,10 @@ class StepGenerator:
         compile_config (`CompileConfig`, *optional*):
             With `static_cache`, transformers compiles the decode step with it; the sampling noise is then compiled
             with the same backend. `None` decodes eagerly.
+        autocast_dtype (`torch.dtype`, *optional*):
+            With `static_cache`, every `generate` call runs under `torch.autocast` with this dtype (`None`: autocast
+            off), whatever autocast the caller had: the static cache takes its dtype from the first keys it stores,
+            so every call must produce keys of the same dtype. Use the training's mixed-precision dtype.
     """
 
     def __init__(
@@ -359,6 +364,7 @@ class StepGenerator:
         pad_to_multiple_of: int = 64,
         static_cache: bool = False,
         compile_config: CompileConfig | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
@@ -384,6 +390,7 @@ class StepGenerator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.static_cache = static_cache
         self.compile_config = compile_config
+        self.autocast_dtype = autocast_dtype
         self._caches: dict[int, tuple[StaticCache, int]] = {}
         self._noise_fn = None
         if compile_config is not None:
@@ -537,19 +544,26 @@ class StepGenerator:
                     kwargs["stopping_criteria"] = StoppingCriteriaList([_FinishedRows(done)])
                 kwargs["past_key_values"] = self._cache(model, width + self.max_new_tokens)
             sampler = GumbelSampler(chunk_keys, width, self.max_new_tokens, warpers, self._noise_fn)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([sampler]),
-                **kwargs,
-            )
+            with self._autocast(device):
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([sampler]),
+                    **kwargs,
+                )
             sequences = out.sequences if hasattr(out, "sequences") else out
             completions = sequences[:real, width:]
             self.num_calls += 1
             self.decode_steps += completions.size(1)
             rows.extend(completions.unbind(0))
         return self._split(prompts, prompt_masks, rows)
+
+    def _autocast(self, device: torch.device):
+        """The static cache's one autocast state (see `autocast_dtype`); the dynamic path keeps the caller's."""
+        if not self.static_cache:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def _split(self, prompts, prompt_masks, rows: list[torch.Tensor]) -> list[Rollout]:
         """Per micro-batch: its rows' completions cut to the length its own `generate` call would have produced."""

@@ -157,13 +157,19 @@ def resolve_fast_generation(
 def build_step_generator(
     generation_config: GenerationConfig,
     args,
-    process_index: int,
+    accelerator,
     batch_size: int,
     fast: bool,
 ) -> StepGenerator:
-    """The step generator: `fast` adds a static KV cache and transformers' compiled decode step (CUDA graphs)."""
-    compile_config = None
+    """The step generator: `fast` adds a static KV cache and transformers' compiled decode step (CUDA graphs).
+
+    The fast path decodes under the accelerator's mixed precision (`torch.autocast`, as accelerate wraps the prepared
+    model's forward with it), so the static cache has one dtype at every call, also after something removed that
+    wrapper (e.g. a save that unwraps the model without it)."""
+    compile_config = autocast_dtype = None
     if fast:
+        if getattr(accelerator, "native_amp", False):
+            autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
         from transformers.generation import CompileConfig
 
         # transformers' defaults (CUDA graphs via "reduce-overhead"), with shapes specialised: the cache length and
@@ -172,11 +178,12 @@ def build_step_generator(
     return StepGenerator(
         generation_config,
         seed=args.seed,
-        process_index=process_index,
+        process_index=accelerator.process_index,
         batch_size=batch_size,
         pad_to_multiple_of=args.generation_pad_to_multiple_of,
         static_cache=fast,
         compile_config=compile_config,
+        autocast_dtype=autocast_dtype,
     )
 
 
@@ -197,7 +204,7 @@ class GKDStepGeneration:
         self.tip_generator = build_step_generator(
             self.generation_config,
             args,
-            self.accelerator.process_index,
+            self.accelerator,
             batch_size=args.per_device_generation_batch_size or rows_per_step,
             fast=fast,
         )
@@ -332,7 +339,7 @@ class DistillationFastGeneration:
         if fast:
             rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
             self.tip_generator = build_step_generator(
-                self.generation_config, args, self.accelerator.process_index, batch_size=rows, fast=True
+                self.generation_config, args, self.accelerator, batch_size=rows, fast=True
             )
         self._tip_generation_step: tuple[str, int] | None = None
         self._tip_generation_rows = 0
