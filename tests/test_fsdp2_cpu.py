@@ -35,3 +35,29 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     failed = [r for r in report["rows"] if not r["passed"]]
     assert not failed and report["passed"], failed
     assert "FSDP2 CPU CHECK PASSED" in output, output
+
+
+@pytest.mark.parametrize(
+    ("distributed_type", "device_map", "moved"),
+    [("FSDP", None, True), ("MULTI_GPU", None, False), ("FSDP", {"": 0}, False)],
+)
+def test_a_teacher_left_off_the_device_under_fsdp_is_placed(distributed_type, device_map, moved):
+    # accelerate's prepare_model(evaluation_mode=True) does not place the teacher under FSDP (on an H100 the FSDP2
+    # run failed in the teacher's embedding: CUDA ids, CPU weights); "meta" stands in for the process's GPU here.
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from trl_tip.toy import make_model, make_tokenizer
+    from trl_tip.trainers.backbone import place_teacher
+
+    teacher = make_model(make_tokenizer(), 16, 1)
+    if device_map is not None:
+        teacher.hf_device_map = device_map
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType[distributed_type], device=torch.device("meta"), unwrap_model=lambda m: m
+    )
+    place_teacher(teacher, accelerator)
+    assert {p.device.type for p in teacher.parameters()} == {"meta" if moved else "cpu"}
+    place_teacher(None, accelerator)  # no teacher (e.g. a server teacher): nothing to do

@@ -3,6 +3,7 @@ states (the loss is computed from those, never from full logits), and which PEFT
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
     from .common import ForwardView
 
 
-__all__ = ["backbone_hidden", "backbone_of", "causal_lm", "check_peft_student"]
+__all__ = ["backbone_hidden", "backbone_of", "causal_lm", "check_peft_student", "place_teacher"]
+
+logger = logging.getLogger(__name__)
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -67,3 +70,28 @@ def check_peft_student(model: nn.Module) -> None:
             "inside PeftModel.forward, so the completion positions the token-level loss reads would be shifted. Use "
             "a weight adapter such as LoRA (peft.LoraConfig) instead."
         )
+
+
+def place_teacher(teacher: nn.Module | None, accelerator) -> None:
+    """Moves a teacher left off the device under FSDP to the process's device (whole, not sharded).
+
+    Under FSDP, accelerate prepares the teacher (`prepare_model(..., evaluation_mode=True)`, which TRL's trainers call)
+    without placing it, so a teacher passed as a module built on the CPU stays there and its first forward fails on
+    CUDA inputs (found on an H100 with FSDP2). Under DDP the same call moves it to the device; this does what DDP does.
+    A teacher with a `device_map` (TRL loads one given by name so), or with sharded (DTensor) parameters, is left as is.
+    """
+    from accelerate.utils import DistributedType
+
+    if teacher is None or accelerator.distributed_type != DistributedType.FSDP:
+        return
+    model = accelerator.unwrap_model(teacher)
+    if getattr(model, "hf_device_map", None):
+        return
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(type(t).__name__ == "DTensor" for t in tensors):
+        return
+    device = torch.device(accelerator.device)
+    if all(t.device == device for t in tensors):
+        return
+    model.to(device)
+    logger.info(f"The teacher was not on {device} under FSDP (accelerate does not place it); moved it there, whole.")

@@ -27,7 +27,7 @@ from ..model_card import TIP_PAPER, write_model_card
 from ..plugins import PROVIDERS, ProviderBatch, SignalProvider
 from ..selection import TokenSelector, build_selector
 from ..selection.context import Processes
-from .backbone import causal_lm
+from .backbone import causal_lm, place_teacher
 from .checkpoint import TIPCheckpointMixin
 
 
@@ -87,6 +87,7 @@ class TIPTrainerMixin(TIPCheckpointMixin):
 
     def _init_tip(self, args, selector: TokenSelector | None, beta: float, temperature: float = 1.0) -> None:
         """Builds the engine and the signal providers its selector requires; call after `Trainer.__init__`."""
+        place_teacher(getattr(self, "teacher_model", None), self.accelerator)
         self.selector = selector if selector is not None else build_selector(args)
         self._tip_custom_selector = selector is not None
         if getattr(self, "_forward_redirection", None) is None:
