@@ -23,6 +23,7 @@ Exits with status 1 if a check fails.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -226,14 +227,24 @@ def run_rule(kind: str, spec: str, ns) -> dict:
 
     rule = parse_rule(spec)
     out_dir = os.path.join(ns.out, f"{ns.label}_{kind}_{spec.replace(':', '_')}")
+    cuda = torch.cuda.is_available() and not ns.cpu
+    # The rows run in one process: collect the previous rows' trainers first (their cycles, DeepSpeed's engines) so
+    # that the peak is this row's, and report what was still resident, which the peak includes.
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     trainer = _trainer(kind, rule, out_dir, ns, ns.steps, save=ns.resume)
-    if torch.cuda.is_available() and not ns.cpu:
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and not ns.cpu else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     logs = _tip_logs(trainer)
     loss, grad = _fixed_batch_loss_and_grad(kind, trainer, ns)
-    result = {"logs": logs, "loss": loss, "grad_norm": grad, "peak_gib": peak, "engine": _engine(trainer)}
+    result = {
+        "logs": logs, "loss": loss, "grad_norm": grad, "peak_gib": peak, "resident_before_gib": resident,
+        "engine": _engine(trainer),
+    }  # fmt: skip
     if ns.resume and not ns.reference:
         checkpoint = os.path.join(out_dir, "checkpoint-2")
         saved = torch.load(
@@ -319,7 +330,7 @@ def check_fast_generation(ns) -> tuple[bool, str]:
 
 TABLE_HEADER = (
     "| config | processes | trainer | rule | training | fixed-batch loss vs 1 process | gradient norm vs 1 process | "
-    "peak GiB per GPU | resume | result |\n|---|---|---|---|---|---|---|---|---|---|"
+    "peak GiB per GPU (resident before the row) | resume | result |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -328,7 +339,7 @@ def _rows_for(kind: str, results: dict, errors: dict, ns, world: int) -> tuple[l
     ref_path = os.path.join(ns.out, f"reference_{kind}.json")
     reference = json.load(open(ref_path)) if os.path.isfile(ref_path) else {}
     everyone = _gather_objects({spec: r["logs"] for spec, r in results.items()})
-    peaks = _gather_objects({spec: r["peak_gib"] for spec, r in results.items()})
+    peaks = _gather_objects({spec: (r["peak_gib"], r["resident_before_gib"]) for spec, r in results.items()})
     ok, rows = not errors, []
     for spec in ns.rules.split(","):
         if spec in errors:
@@ -347,7 +358,7 @@ def _rows_for(kind: str, results: dict, errors: dict, ns, world: int) -> tuple[l
         )
         passed = ranks_equal and finite and loss_ok and grad_ok and resume_ok
         ok &= passed
-        peak = "/".join(f"{p[spec]:.2f}" for p in peaks)
+        peak = "/".join(f"{p[spec][0]:.2f} ({p[spec][1]:.2f} before)" for p in peaks)
         ref_loss = f"{ref['loss']:.6f}" if ref else "n/a"
         ref_grad = f"{ref['grad_norm']:.4f}" if ref else "n/a"
         resume_text = "—" if resume is None else (

@@ -49,7 +49,7 @@ for config in $CONFIGS; do
 done
 
 echo
-echo "| config | processes | trainer | rule | training | fixed-batch loss vs 1 process | gradient norm vs 1 process | peak GiB per GPU | resume | result |"
+echo "| config | processes | trainer | rule | training | fixed-batch loss vs 1 process | gradient norm vs 1 process | peak GiB per GPU (resident before the row) | resume | result |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for config in $CONFIGS; do
   grep -E "^\| $config \|" "$OUT/$config.log" \
