@@ -6,6 +6,7 @@ rather than deep inside a training run."""
 import inspect
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 from transformers import Trainer
@@ -315,3 +316,38 @@ def test_transformers_flags_models_it_can_compile():
 
     assert PreTrainedModel._can_compile_fullgraph is False
     assert Qwen2ForCausalLM._can_compile_fullgraph is True
+
+
+def test_static_kv_cache_casts_new_states_to_the_dtypes_it_stores():
+    from transformers import Qwen2Config, StaticCache
+
+    from trl_tip._compat import static_kv_cache
+
+    config = Qwen2Config(
+        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    keys = torch.randn(1, 1, 3, 8)  # float32: RoPE promotes the keys under autocast with float32 weights
+    values = torch.randn(1, 1, 3, 8, dtype=torch.bfloat16)  # v_proj's output under bf16 autocast
+
+    # transformers 5.17 allocates a layer's values in the keys' dtype; early_initialization does so in every release.
+    plain = StaticCache(config=config, max_cache_len=6)
+    plain.early_initialization(batch_size=1, num_heads=1, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        plain.layers[0].update(keys, values)
+
+    cache = static_kv_cache(config, max_cache_len=6)
+    assert len(cache.layers) == 2 and all(isinstance(layer, type(plain.layers[0])) for layer in cache.layers)
+    cache.early_initialization(batch_size=1, num_heads=1, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    stored_keys, stored_values = cache.layers[0].update(keys, values)
+    assert stored_values.dtype == torch.float32
+    torch.testing.assert_close(stored_keys[:, :, :3], keys)
+    torch.testing.assert_close(stored_values[:, :, :3], values.float())
+    assert not stored_values[:, :, 3:].any()
+
+    # Lazily initialised (the fast path's case): the first states set the dtypes, later ones are cast to them.
+    lazy = static_kv_cache(config, max_cache_len=6)
+    lazy.layers[1].update(keys, values)
+    stored_keys, stored_values = lazy.layers[1].update(keys[:, :, :1].bfloat16(), values[:, :, :1].float())
+    assert stored_keys.dtype == torch.float32 and stored_values.dtype in (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(stored_keys[:, :, 3], keys[:, :, 0].bfloat16().float())

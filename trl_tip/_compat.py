@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import Trainer
+from transformers import StaticCache, Trainer
 
 # Name of the folders Trainer writes checkpoints into, and the trainer-state file marking a complete one.
 from transformers.trainer import TRAINER_STATE_NAME
@@ -120,8 +120,42 @@ __all__ = [
     "maybe_gather_lm_head_ctx",
     "prepare_deepspeed",
     "sort_checkpoints",
+    "static_kv_cache",
     "unwrap_model_for_generation",
 ]
+
+
+_DTYPE_STABLE_LAYERS: dict[type, type] = {}
+
+
+def _dtype_stable(layer_class: type) -> type:
+    """`layer_class` with an `update` that casts new keys and values to the dtypes the layer stores."""
+    if layer_class not in _DTYPE_STABLE_LAYERS:
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
+            return super(cls, self).update(key_states, value_states, *args, **kwargs)
+
+        cls = type(f"DtypeStable{layer_class.__name__}", (layer_class,), {"update": update})
+        _DTYPE_STABLE_LAYERS[layer_class] = cls
+    return _DTYPE_STABLE_LAYERS[layer_class]
+
+
+def static_kv_cache(config, max_cache_len: int) -> StaticCache:
+    """transformers' `StaticCache(config=config, max_cache_len=max_cache_len)` whose layers cast the keys and values
+    they are given to the dtypes they store.
+
+    Under autocast with float32 weights a layer's keys come out float32 (RoPE multiplies them by float32 cos/sin) and
+    its values bfloat16. transformers 5.17 allocates a static layer's values in the keys' dtype (5.25 in their own),
+    so the first `index_copy_` of the values fails (found on an H100 with float32 weights and `bf16=True`). The layer
+    classes are the cache's own (`cache.layers`, public), subclassed; the cast is a no-op when the dtypes agree.
+    """
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    for layer in cache.layers:
+        layer.__class__ = _dtype_stable(type(layer))
+    return cache
 
 
 def argparse_actions(parser) -> list:

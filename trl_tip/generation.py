@@ -47,7 +47,7 @@ from transformers.generation import (
 )
 from transformers.utils import logging
 
-from ._compat import forward_hooks, unwrap_model_for_generation
+from ._compat import forward_hooks, static_kv_cache, unwrap_model_for_generation
 
 
 __all__ = [
@@ -453,7 +453,7 @@ class StepGenerator:
                     "generation_pad_to_multiple_of to bucket prompt lengths more coarsely."
                 )
             config = model.config.get_text_config(decoder=True)
-            cache, cache_length = StaticCache(config=config, max_cache_len=length), length
+            cache, cache_length = static_kv_cache(config, length), length
             self._caches[key] = (cache, cache_length)
             self.num_cache_builds += 1
         else:
