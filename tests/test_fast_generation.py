@@ -296,6 +296,16 @@ def test_is_compile_failure():
     assert not is_compile_failure(ValueError("a bad prompt"))
 
 
+def _static_layers_store_values_in_their_own_dtype() -> bool:
+    """Whether the installed transformers allocates a static layer's values in their dtype (5.25) or the keys' (5.17)."""
+    from transformers import Qwen2Config, StaticCache
+
+    config = Qwen2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    layer = StaticCache(config=config, max_cache_len=2).layers[0]
+    layer.lazy_initialization(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16))
+    return layer.values.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 def test_static_cache_keeps_one_dtype_whatever_autocast_the_caller_has(tmp_path, autocast_dtype):
     # The static cache takes its dtypes from the first states it stores; every call decodes under the generator's one
@@ -314,9 +324,12 @@ def test_static_cache_keeps_one_dtype_whatever_autocast_the_caller_has(tmp_path,
     with torch.autocast("cpu", enabled=False):
         trainer._generate_single_turn(prompt_ids, None, {})
     ((cache, _),) = generator._caches.values()
-    # (The values are v_proj's output, in the autocast dtype, stored so since transformers 5.25; the keys are promoted
-    # by the float32 rotary embedding.)
-    assert {layer.values.dtype for layer in cache.layers} in ({autocast_dtype or torch.float32}, {torch.float32})
+    # (The values are v_proj's output, in the autocast dtype; the keys are promoted by the float32 rotary embedding.
+    # A transformers release that allocates the values in the keys' dtype stores them as float32, cast.)
+    values_dtype = autocast_dtype or torch.float32
+    if not _static_layers_store_values_in_their_own_dtype():
+        values_dtype = torch.float32
+    assert {layer.values.dtype for layer in cache.layers} == {values_dtype}
     assert generator.num_cache_builds == 1
 
 
