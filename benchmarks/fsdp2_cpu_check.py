@@ -12,7 +12,9 @@ Every rank first computes the one-process reference itself (unsharded copies of 
 single-process engine); then each rank takes its share of the rows (unequal token counts), computes the loss on the
 sharded models with the step's token count over all ranks, and backpropagates. Rank 0 prints one line per trainer and
 rule and a PASS/FAIL table: the mean over ranks of the losses equals the reference loss, and the full gradients
-(`DTensor.full_tensor()` of the reduce-scattered shards) equal the reference gradients.
+(`DTensor.full_tensor()` of the reduce-scattered shards) equal the reference gradients, and the student's sharded
+`lm_head` was never called as a module (its weight is read: a call re-enters FSDP2's (norm, embeddings, lm_head)
+group, which on a GPU freed the norm's weights before their backward).
 
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/fsdp2_cpu_check.py [--json report.json]
 
@@ -189,8 +191,14 @@ def check(kind: str, rule: str, sharding: str, mesh) -> dict:
         trainer.model.train()
         rows = _rows(rank, world)
         local = {k: v[rows] for k, v in batch.items()}
+        # The student's `lm_head` (a plain linear layer, `FSDPLinear` once sharded) must be read through its weight,
+        # never called: each call re-enters FSDP2's group of (norm, embeddings, lm_head), whose post-backward then
+        # frees the norm's weights before the norm's backward (an illegal memory access on a GPU).
+        head_calls = []
+        hook = trainer.model.lm_head.register_forward_pre_hook(lambda *args: head_calls.append(1))
         loss = _loss(kind, trainer, trainer.model, local, count)
         loss.backward()
+        hook.remove()
         grads = _full_grads(trainer.model)
         mean_loss = loss.detach().double().reshape(1)
         dist.all_reduce(mean_loss)
@@ -200,10 +208,11 @@ def check(kind: str, rule: str, sharding: str, mesh) -> dict:
     names_ok = grads.keys() == ref_grads.keys() and len(grads) > 0
     worst = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)) for n in grads)
     grads_ok = names_ok and worst < RTOL
-    ok = bool(loss_ok and grads_ok)
+    ok = bool(loss_ok and grads_ok and not head_calls)
     print(
         f"[rank {rank}/{world}] trainer={kind} rule={rule} sharding={sharding} rows={rows.start}..{rows.stop - 1} loss(mean over ranks)="
         f"{float(mean_loss):.8f} reference={float(ref_loss):.8f} worst grad rel diff={worst:.2e} "
+        f"student lm_head calls={len(head_calls)} "
         f"-> {'PASS' if ok else 'FAIL'}",
         flush=True,
     )
@@ -214,6 +223,7 @@ def check(kind: str, rule: str, sharding: str, mesh) -> dict:
         "loss": float(mean_loss),
         "reference_loss": float(ref_loss),
         "worst_grad_diff": worst,
+        "head_calls": len(head_calls),
         "passed": ok,
     }
 

@@ -32,6 +32,8 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
         for rule in ("all", "entropy_topk", "quadrants_q3")
         for sharding in ("accelerate", "reshard_all")
     ]
+    # The student's FSDP2-wrapped lm_head is read through its weight, never called (see fsdp2_cpu_check.check).
+    assert all(r["head_calls"] == 0 for r in report["rows"]), report["rows"]
     failed = [r for r in report["rows"] if not r["passed"]]
     assert not failed and report["passed"], failed
     assert "FSDP2 CPU CHECK PASSED" in output, output

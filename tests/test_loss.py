@@ -86,3 +86,64 @@ def test_no_grad_mode_returns_value():
     with torch.no_grad():
         value = kept_token_jsd(h, th, OutputHead(lin), t_lin, torch.ones(3))
     torch.testing.assert_close(value, reference(h, th, OutputHead(lin), t_lin, torch.ones(3), 0.5).detach())
+
+
+def _fsdp_class_swap(module: nn.Module) -> nn.Module:
+    # What FSDP2's `fully_shard` does to a module's class (torch.distributed.fsdp._fully_shard): a dynamic subclass of
+    # FSDPModule and the original class, the forward unchanged.
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    module.__class__ = type(f"FSDP{cls.__name__}", (FSDPModule, cls), {})
+    return module
+
+
+def test_an_fsdp2_wrapped_linear_head_takes_the_fused_pass():
+    # On an H100, FSDP2 turned the student's `lm_head` into `FSDPLinear`; an exact-type check sent it down the
+    # per-chunk path, whose repeated `lm_head` calls made FSDP2 free the final norm's weights before their backward.
+    from trl_tip.loss import is_linear_layer
+
+    torch.manual_seed(2)
+    lin = nn.Linear(6, 11, bias=False)
+    ref_lin = nn.Linear(6, 11, bias=False)
+    ref_lin.load_state_dict(lin.state_dict())
+    swapped = _fsdp_class_swap(lin)
+    assert type(swapped).__name__ == "FSDPLinear" and is_linear_layer(swapped)
+    head = OutputHead(swapped)
+    assert head.is_plain_linear
+    calls = []
+    swapped.register_forward_pre_hook(lambda *args: calls.append(1))
+    t_lin = nn.Linear(8, 11, bias=False)
+    h1 = torch.randn(9, 6, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    th, weights = torch.randn(9, 8), torch.rand(9)
+    ours = kept_token_jsd(h1, th, head, t_lin, weights, chunk_size=4)
+    ours.backward()
+    assert calls == []  # the head's weight is read, its module (and FSDP2's hooks) never called
+    ref = reference(h2, th, OutputHead(ref_lin), t_lin, weights, 0.5)
+    ref.backward()
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(swapped.weight.grad, ref_lin.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_not_read_as_its_weight():
+    from trl_tip.loss import is_linear_layer
+
+    class Scaled(nn.Linear):  # e.g. bitsandbytes' Linear4bit: an nn.Linear whose forward is not `x @ W.T + b`
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    assert is_linear_layer(nn.Linear(2, 3)) and not is_linear_layer(Scaled(2, 3))
+    assert not OutputHead(Scaled(2, 3)).is_plain_linear
+    assert not is_linear_layer(nn.Sequential(nn.Linear(2, 3)))
+
+
+def test_an_fsdp2_unit_head_that_is_not_linear_is_refused_with_grad():
+    module = _fsdp_class_swap(nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 7)))
+    head = OutputHead(module)
+    h = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="lm_head.*FSDP2.*target_modules"):
+        kept_token_jsd(h, torch.randn(4, 5), head, nn.Linear(5, 7), torch.ones(4))
+    with torch.no_grad():  # evaluation calls the head without a backward: allowed
+        kept_token_jsd(h, torch.randn(4, 5), head, nn.Linear(5, 7), torch.ones(4))

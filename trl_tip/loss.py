@@ -125,7 +125,7 @@ class OutputHead:
         inside a ZeRO-3 gather, see [`gathered_heads`])."""
         weight = self.weight
         return (
-            type(self.module) is nn.Linear
+            is_linear_layer(self.module)
             and type(weight) in (torch.Tensor, nn.Parameter)
             and weight.numel() > 0
             and weight.dim() == 2
@@ -134,6 +134,22 @@ class OutputHead:
     def parameters(self) -> list[torch.Tensor]:
         """The head's weight and bias, as stored by the module (for a ZeRO-3 gather)."""
         return [p for p in (getattr(self.module, "weight", None), getattr(self.module, "bias", None)) if p is not None]
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """Whether `module` computes `nn.Linear`'s forward: an `nn.Linear`, or one whose class a wrapper swapped without
+    changing the forward (FSDP2's `fully_shard` turns `nn.Linear` into `FSDPLinear`). A subclass with its own forward
+    (bitsandbytes' `Linear4bit`, a LoRA layer) is not: its weight alone does not give its output."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """Whether FSDP2's `fully_shard` was applied to `module` itself (its forward runs FSDP2's hooks)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _materialized(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -383,8 +399,8 @@ def _weighted_loss(hidden, teacher_hidden, head, teacher_head, token_weights, be
     [`kept_token_jsd`])."""
     if backend not in LOSS_BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; allowed values: {', '.join(LOSS_BACKENDS)}.")
-    linear_heads = isinstance(teacher_head, OutputHead) and type(head.module) is nn.Linear
-    linear_heads = linear_heads and type(teacher_head.module) is nn.Linear
+    linear_heads = isinstance(teacher_head, OutputHead) and is_linear_layer(head.module)
+    linear_heads = linear_heads and is_linear_layer(teacher_head.module)
     if backend == "auto":
         # Measured on an H100 (benchmarks/loss_kernels.py, Qwen2.5-0.5B/1.5B heads, 819-8192 kept rows): TRL's
         # Triton kernel is as fast as the fused one (0.92-1.00x its time) and peaks lower at small kept shares (its
@@ -420,6 +436,14 @@ def _weighted_loss(hidden, teacher_hidden, head, teacher_head, token_weights, be
         args = (beta, float(temperature), chunk_size)
         return _FusedLinearPass.apply(
             hidden, head.weight, head.bias, teacher_hidden, token_weights, head, teacher_head, None, None, args, {}
+        )
+    if torch.is_grad_enabled() and hidden.requires_grad and _is_fsdp_unit(head.module):
+        raise ValueError(
+            f"The student's lm_head ({type(head.module).__name__}) is sharded by FSDP2 as its own unit and is not a "
+            "plain linear layer, so trl-tip's loss would call it once per chunk; accelerate groups lm_head with the "
+            "final norm (and tied embeddings), and FSDP2 then frees those weights before their backward (on a GPU: an "
+            "illegal memory access). Under FSDP2 keep lm_head a plain nn.Linear (no LoRA adapter, no quantization on "
+            "it, e.g. leave `lm_head` out of peft's `target_modules`/`modules_to_save`), or use DeepSpeed or DDP."
         )
 
     def chunk_loss(h: torch.Tensor, t_hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
