@@ -54,6 +54,29 @@ def test_chunk_signals_match_reference(divergence, beta):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gradient_scaled_and_cast_in_the_chunk_function(beta):
+    # The loss pass asks for the gradient already multiplied by the tokens' weights and in the head's dtype (so no
+    # float32 (n, V) copy is made): the same values as scaling and casting the float32 gradient afterwards.
+    s, t = _logits(n=6, v=13, seed=5)
+    s, t = s.float(), t.float()
+    s[2, 4] = float("nan")  # a non-finite row keeps a zero gradient whatever its weight
+    targets = torch.tensor([0, 5, 12, 3, 3, 7])
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5, 3.0, 0.25])
+    for dtype in (torch.bfloat16, None):
+        _, plain = jsd_and_grad(s, t, beta)
+        _, fused = jsd_and_grad(s, t, beta, grad_scale=w, grad_dtype=dtype)
+        expected = plain * w.unsqueeze(-1)
+        assert fused.dtype == (dtype or torch.float32)
+        torch.testing.assert_close(fused, expected if dtype is None else expected.to(dtype), equal_nan=True)
+        *_, ok, plain, _ = chunk_signals(s, t, targets, beta, "loss", True)
+        *_, ok2, fused, _ = chunk_signals(s, t, targets, beta, "loss", True, grad_scale=w, grad_dtype=dtype)
+        assert torch.equal(ok, ok2) and not ok[2]
+        expected = plain * w.unsqueeze(-1)
+        torch.testing.assert_close(fused, expected if dtype is None else expected.to(dtype), rtol=0, atol=0)
+        assert (fused[2] == 0).all() and (fused[1] == 0).all() and fused[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_loss_axis_is_the_per_token_loss(beta):
     s, t = _logits(n=6, v=13, seed=4)
     targets = torch.tensor([0, 5, 12, 3, 3, 7])

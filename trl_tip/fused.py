@@ -59,6 +59,12 @@ def _jsd_grad(ls, lt, ps, pt, extra, jsd, beta: float) -> torch.Tensor:
     return (1.0 - beta) * ps * (ls - lm - kl_s.unsqueeze(-1))
 
 
+def _finish_grad(grad: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+    if scale is not None:
+        grad = grad * scale.unsqueeze(-1)
+    return grad if dtype is None else grad.to(dtype)
+
+
 def _symmetric_jsd(ls: torch.Tensor, lt: torch.Tensor, ps: torch.Tensor, pt: torch.Tensor) -> torch.Tensor:
     lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
     return (0.5 * (pt * (lt - lm)).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)) / math.log(2)
@@ -74,9 +80,13 @@ def _chunk(
     temperature: float,
     divergences: tuple[str, ...],
     signals: bool,
+    grad_scale: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ):
     """The one per-chunk function: logits of a chunk of positions -> its signals, loss and gradient (see the
-    wrappers [`chunk_signals`], [`student_signals`] and [`jsd_and_grad`] for what each mode returns)."""
+    wrappers [`chunk_signals`], [`student_signals`] and [`jsd_and_grad`] for what each mode returns). The gradient
+    is multiplied row by row by `grad_scale` and cast to `grad_dtype` inside the (compiled) function, so no float32
+    `(n, V)` gradient is materialised when the caller wants it scaled and in the head's dtype."""
     s = student_logits.float()
     if not signals:
         # The loss and its gradient only (the kept tokens' loss after a selection).
@@ -86,7 +96,7 @@ def _chunk(
         ls, lt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
         loss, ps, pt, jsd_extra = _jsd_parts(ls, lt, beta)
         grad = _jsd_grad(ls, lt, ps, pt, jsd_extra, loss, beta)
-        return loss, grad / temperature if temperature != 1.0 else grad
+        return loss, _finish_grad(grad / temperature if temperature != 1.0 else grad, grad_scale, grad_dtype)
     ls = F.log_softmax(s, dim=-1)
     log_v = math.log(s.size(-1)) if s.size(-1) > 1 else 1.0
     if teacher_logits is None:
@@ -135,7 +145,7 @@ def _chunk(
         grad = _jsd_grad(lsl, ltl, psl, ptl, jsd_extra, loss, beta)
         if temperature != 1.0:
             grad = grad / temperature
-        grad = torch.where(ok.unsqueeze(-1), grad, torch.zeros_like(grad))
+        grad = _finish_grad(torch.where(ok.unsqueeze(-1), grad, torch.zeros_like(grad)), grad_scale, grad_dtype)
     return (*values, ok, grad, tuple(clean(named[name]) for name in divergences))
 
 
@@ -163,7 +173,12 @@ def _run(name: str, fn, *args):
 
 
 def jsd_and_grad(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    grad_scale: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token generalized JSD (as GKD computes it) and its gradient with respect to the student logits.
 
@@ -172,11 +187,15 @@ def jsd_and_grad(
         teacher_logits (`torch.Tensor`): Teacher logits of shape `(n, V)`.
         beta (`float`): Interpolation coefficient in `[0, 1]`.
         temperature (`float`, *optional*, defaults to `1.0`): Both logits are divided by it first.
+        grad_scale (`torch.Tensor`, *optional*): Shape `(n,)`; row `i` of the gradient is multiplied by it.
+        grad_dtype (`torch.dtype`, *optional*): The gradient's dtype (float32 by default).
 
     Returns:
-        `tuple`: The divergences, shape `(n,)`, and `d jsd_i / d student_logits[i]`, shape `(n, V)`, in float32.
+        `tuple`: The divergences, shape `(n,)`, and `d jsd_i / d student_logits[i]`, shape `(n, V)` (times
+        `grad_scale`, in `grad_dtype`).
     """
     args = (student_logits, teacher_logits, None, float(beta), "loss", True, float(temperature), (), False)
+    args += (grad_scale, grad_dtype)
     return _run("jsd_and_grad", _chunk, *args)
 
 
@@ -201,6 +220,8 @@ def chunk_signals(
     with_grad: bool = False,
     temperature: float = 1.0,
     divergences: tuple[str, ...] = (),
+    grad_scale: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Every per-token signal of a chunk of positions from one log-softmax per model.
 
@@ -219,11 +240,15 @@ def chunk_signals(
             divided by it); the other signals are taken at temperature 1.
         divergences (`tuple[str, ...]`, *optional*): Further divergences to return (a rule's `requires`), among
             `"jsd"`, `"reverse_kl"`, `"forward_kl"` and `"loss"` (temperature 1).
+        grad_scale (`torch.Tensor`, *optional*): Shape `(n,)`; row `i` of the gradient is multiplied by it.
+        grad_dtype (`torch.dtype`, *optional*): The gradient's dtype (float32 by default).
 
     Returns:
         `tuple`: `(entropy, teacher_entropy, divergence, loss, student_log_prob, teacher_log_prob, finite, grad,
         extras)`, the first seven of shape `(n,)` (float32, entropies divided by `ln V`; `finite` boolean), `grad` of
-        shape `(n, V)` or `None`, `extras` a tuple with one `(n,)` tensor per name in `divergences`.
+        shape `(n, V)` (times `grad_scale`, in `grad_dtype`) or `None`, `extras` a tuple with one `(n,)` tensor per
+        name in `divergences`.
     """
     args = (float(beta), divergence, bool(with_grad), float(temperature), tuple(divergences), True)
+    args += (grad_scale, grad_dtype)
     return _run(f"chunk_signals_{bool(with_grad)}", _chunk, student_logits, teacher_logits, targets, *args)

@@ -243,8 +243,14 @@ def _drive(hidden, teacher_hidden, head, teacher_head, targets, weights, plan, b
             continue
         teacher_logits = teacher_head(teacher_hidden[sl])
         ok = None
+        # The gradient comes back already multiplied by the tokens' weights and, for a head without a logit
+        # transform, in the head's dtype: the per-chunk function fuses both, so no float32 (chunk, V) gradient and
+        # no further (chunk, V) copies are made here (they set the loss step's peak memory).
+        fused = {}
+        if grads is not None:
+            fused = dict(grad_scale=weights[sl], grad_dtype=None if head.transforms else head.weight.dtype)
         if plan is None:
-            per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta, temperature)
+            per_token, grad_logits = jsd_and_grad(student_logits, teacher_logits, beta, temperature, **fused)
         else:
             *signals, ok, grad_logits, more = chunk_signals(
                 student_logits,
@@ -255,6 +261,7 @@ def _drive(hidden, teacher_hidden, head, teacher_head, targets, weights, plan, b
                 grads is not None,
                 temperature,
                 plan.divergences,
+                **fused,
             )
             for name, value in zip(plan.names, (*signals, *more)):
                 values[name][sl] = value
@@ -270,17 +277,16 @@ def _drive(hidden, teacher_hidden, head, teacher_head, targets, weights, plan, b
             continue
         grad_h, grad_w, grad_b = grads
         weight = head.weight
-        grad_logits = grad_logits * weights[sl].unsqueeze(-1)
+        grad_raw = grad_logits
         if head.transforms:
             # d cap(x) / dx = scale * (1 - tanh(scale * x / c)^2) = scale * (1 - (cap(x) / c)^2)
-            grad_logits = grad_logits * head.cap_grad(student_logits)
-        grad_raw = grad_logits.to(weight.dtype)
+            grad_raw = (grad_logits * head.cap_grad(student_logits)).to(weight.dtype)
         del grad_logits, student_logits
         if ok is not None:
             # Rows with non-finite logits get no gradient: 0 * NaN would otherwise poison the whole weight gradient
             # (a NaN/inf hidden row, or the soft-capping factor of a NaN logit).
             skipped = ~ok.unsqueeze(-1)
-            grad_raw = grad_raw.masked_fill(skipped, 0.0)
+            grad_raw.masked_fill_(skipped, 0.0)
             h = h.masked_fill(skipped, 0.0)
         if grad_h is not None:
             grad_h[sl] = grad_raw @ weight
@@ -320,12 +326,13 @@ class _FusedLinearPass(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_h, grad_w, grad_b = ctx.grads
         del ctx.grads
+        # In place: a second float32 copy of the vocabulary-sized weight gradient would raise the step's peak.
         if grad_h is not None:
-            grad_h = grad_h * grad_output.to(grad_h.dtype)
+            grad_h = grad_h.mul_(grad_output.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = (grad_w * grad_output).to(ctx.dtypes[0])
+            grad_w = grad_w.mul_(grad_output).to(ctx.dtypes[0])
         if grad_b is not None:
-            grad_b = (grad_b * grad_output).to(ctx.dtypes[1])
+            grad_b = grad_b.mul_(grad_output).to(ctx.dtypes[1])
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
