@@ -935,6 +935,9 @@ def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, devi
     tag = f"{rule.label}_{shape}_ga{ns.grad_accum}".replace(" ", "_").replace("%", "")
     with open(os.path.join(ns.profile_dir, f"profile_{tag}.txt"), "w") as fh:
         fh.write(table)
+    # Host-side cost (Python hooks, eager glue, synchronisations) does not show in the device-time table.
+    with open(os.path.join(ns.profile_dir, f"profile_{tag}_cpu.txt"), "w") as fh:
+        fh.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
     events = sorted(
         prof.key_averages(),
         key=lambda e: (
