@@ -97,6 +97,21 @@ def test_forward_hooks_are_keyed_by_handle_and_deleting_one_removes_it():
     assert calls == ["first", "second", "second"] and list(_compat.forward_hooks(layer)) == [handles[1].id]
 
 
+def test_input_require_grads_hook_is_recognised_by_name(tokenizer):
+    """`_compat.is_input_require_grads_hook`: transformers' `enable_input_require_grads` registers, on the input
+    embeddings, a local function named `make_inputs_require_grads` (the generator takes it off while sampling); PEFT
+    names its own `make_inputs_require_grad`. Other hooks are not matched."""
+    model = make_model(tokenizer, hidden_size=16, num_layers=1, seed=0)
+    hooks = _compat.forward_hooks(model.get_input_embeddings())
+    assert not any(_compat.is_input_require_grads_hook(h) for h in hooks.values())
+    model.enable_input_require_grads()
+    matched = [h for h in hooks.values() if _compat.is_input_require_grads_hook(h)]
+    assert len(matched) == 1
+    x = torch.zeros(2)
+    assert matched[0](model.get_input_embeddings(), (), x) is None and x.requires_grad  # in place: requires grad
+    assert not _compat.is_input_require_grads_hook(lambda module, args, output: None)
+
+
 def test_forward_redirection_routes_a_method_through_the_wrapper():
     class Inner(nn.Module):
         def forward(self, x):

@@ -82,6 +82,17 @@ def forward_hooks(module: nn.Module) -> dict[int, Callable]:
     return module._forward_hooks
 
 
+# The names of the forward hooks that make the input embeddings' output require grad, for gradient checkpointing with
+# frozen embeddings: transformers' `PreTrainedModel.enable_input_require_grads` and PEFT's / TRL's
+# `prepare_model_for_kbit_training`-style hook (local functions, so only their names identify them).
+INPUT_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def is_input_require_grads_hook(hook: Callable) -> bool:
+    """Whether `hook` is one of the input-embedding hooks of `INPUT_REQUIRE_GRADS_HOOKS` (`output.requires_grad_()`)."""
+    return getattr(hook, "__name__", None) in INPUT_REQUIRE_GRADS_HOOKS
+
+
 def gkd_parent_training_step(trainer, model, inputs, num_items_in_batch):
     """The `training_step` of `GKDTrainer`'s parent (`SFTTrainer`'s): a step on `inputs` as given, without GKD's
     on-policy generation (TIPTrainer has generated the whole optimizer step's completions before)."""
