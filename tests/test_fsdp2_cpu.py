@@ -30,7 +30,7 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
         (trainer, rule, sharding)
         for trainer in ("gkd", "distillation")
         for rule in ("all", "entropy_topk", "quadrants_q3")
-        for sharding in ("accelerate", "reshard_all")
+        for sharding in ("accelerate", "reshard_all", "reshard_all_bf16")
     ]
     # The student's FSDP2-wrapped lm_head is read through its weight, never called (see fsdp2_cpu_check.check).
     assert all(r["head_calls"] == 0 for r in report["rows"]), report["rows"]

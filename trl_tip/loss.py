@@ -76,23 +76,32 @@ class OutputHead:
         scale (`float`, *optional*, defaults to `1.0`): Multiplier of the raw logits (see [`logit_scale_of`]).
     """
 
-    def __init__(self, module: nn.Module, softcap: float | None = None, scale: float = 1.0):
+    def __init__(
+        self,
+        module: nn.Module,
+        softcap: float | None = None,
+        scale: float = 1.0,
+        compute_dtype: torch.dtype | None = None,
+    ):
         self.module = module
         self.softcap = softcap
         self.scale = float(scale)
         # Under FSDP2 a sharded head's weight is a DTensor: gather it once here (per micro-batch), not once per chunk.
-        # `full_tensor()` is differentiable, so the student's gradient is reduce-scattered back to its shards.
-        self.weight = _materialized(getattr(module, "weight", None))
-        self.bias = _materialized(getattr(module, "bias", None))
+        # `full_tensor()` is differentiable, so the student's gradient is reduce-scattered back to its shards. The
+        # shards hold the parameters' own dtype, not FSDP2's mixed-precision compute dtype (which the hidden states
+        # are in), so a gathered weight is cast to `compute_dtype` once, as FSDP2's unshard would have (differentiable).
+        self.weight = _materialized(getattr(module, "weight", None), compute_dtype)
+        self.bias = _materialized(getattr(module, "bias", None), compute_dtype)
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> OutputHead:
-        """Builds the head of a (PEFT-unwrapped) `PreTrainedModel`."""
+    def from_model(cls, model: nn.Module, compute_dtype: torch.dtype | None = None) -> OutputHead:
+        """Builds the head of a (PEFT-unwrapped) `PreTrainedModel`; `compute_dtype` (the hidden states' dtype) is the
+        dtype a weight gathered from FSDP2 shards is cast to."""
         head = model.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); it is not a causal LM.")
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cls(head, getattr(config, "final_logit_softcapping", None), logit_scale_of(config))
+        return cls(head, getattr(config, "final_logit_softcapping", None), logit_scale_of(config), compute_dtype)
 
     @property
     def transforms(self) -> bool:
@@ -152,15 +161,20 @@ def _is_fsdp_unit(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _materialized(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The full tensor of a DTensor (FSDP2 shard), else the tensor itself."""
+def _materialized(tensor: torch.Tensor | None, compute_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """The full tensor of a DTensor (FSDP2 shard; in `compute_dtype` if given and floating), else the tensor itself."""
     if tensor is None:
         return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
         return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    full = tensor.full_tensor()
+    if compute_dtype is not None and full.is_floating_point() and full.dtype != compute_dtype:
+        full = full.to(compute_dtype)
+    return full
 
 
 @contextmanager

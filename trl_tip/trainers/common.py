@@ -199,7 +199,7 @@ class TIPTrainerMixin(TIPCheckpointMixin):
         with torch.no_grad():
             teacher_hidden = self._tip_hidden(teacher, view, unwrapped_teacher, redirect=True)[seq_idx, cols]
         unwrapped_student = self.accelerator.unwrap_model(student)
-        teacher_head = OutputHead.from_model(causal_lm(unwrapped_teacher))
+        teacher_head = OutputHead.from_model(causal_lm(unwrapped_teacher), teacher_hidden.dtype)
         for name in sorted(engine.provider_requires):
             self._tip_provider(name)  # a stateless provider a later selector needs is built on first use
         inputs = ProviderBatch(
@@ -232,7 +232,7 @@ class TIPTrainerMixin(TIPCheckpointMixin):
         batch = TokenBatch(
             student_hidden=hidden,
             teacher_hidden=teacher_hidden,
-            student_head=OutputHead.from_model(causal_lm(unwrapped_student)),
+            student_head=OutputHead.from_model(causal_lm(unwrapped_student), hidden.dtype),
             teacher_head=teacher_head,
             targets=targets,
             seq_idx=seq_idx,
