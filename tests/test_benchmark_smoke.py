@@ -84,7 +84,10 @@ def test_memory_speed_tiny_cpu_generation(capsys, tmp_path):
     assert math.isclose(
         sum(v for k, v in fast.profile_s.items() if k not in ("step", "selection")), fast.profile_s["step"]
     )
-    assert len(list(tmp_path.glob("profile_TIP_fast_*.txt"))) == 1
+    # The device-time table and the host-side (self CPU time) table of the profiled row.
+    profiles = sorted(p.name for p in tmp_path.glob("profile_TIP_fast_*.txt"))
+    assert len(profiles) == 2 and profiles[1] == profiles[0].replace(".txt", "_cpu.txt"), profiles
+    assert "Self CPU" in (tmp_path / profiles[1]).read_text()
     # Launches and host reads per decode forward of the profiled generation (no CUDA runtime calls on a CPU; the stop
     # check reads a device value at every step).
     line = next(x for x in out.splitlines() if "per decode forward (8 in the step)" in x)
