@@ -54,9 +54,11 @@ SHARDINGS = {
     # Everything resharded after every forward: the teacher's head is a DTensor when the loss reads it, so the
     # gather-once path (`OutputHead`) is exercised.
     "reshard_all": (True, None),
-    # The same with bf16 mixed precision (accelerate's `mixed_precision: bf16`: `MixedPrecisionPolicy(param_dtype=
-    # bf16)`): the shards stay float32 while the hidden states are bf16, so a gathered head must be cast to bf16 (it
-    # raised a dtype mismatch before). Compared with the float32 reference at bf16 tolerances.
+    # The same with bf16 mixed precision as accelerate (1.15) sets it for `mixed_precision: bf16`
+    # (`MixedPrecisionPolicy(param_dtype=bf16, output_dtype=bf16)`): the shards stay float32 while the hidden states
+    # are bf16, so a gathered head must be cast to bf16 (it raised a dtype mismatch before); the forward's outputs are
+    # cast to bf16, the loss computed inside it among them (TIPTrainer gives back its float32 value). Compared with the
+    # float32 reference at bf16 tolerances.
     "reshard_all_bf16": (True, torch.bfloat16),
 }
 # Relative tolerance of the loss and of the worst gradient, by the sharding's compute dtype.
@@ -66,9 +68,9 @@ TOLERANCES = {None: (RTOL, RTOL), torch.bfloat16: (2e-2, 6e-2)}
 def _shard(model, mesh, reshard: bool, dtype: torch.dtype | None = None):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = (
-        {} if dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
-    )
+    policy = {}
+    if dtype is not None:
+        policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, **policy)
     group = [model.model.norm, model.model.embed_tokens, model.lm_head]
@@ -236,6 +238,7 @@ def check(kind: str, rule: str, sharding: str, mesh) -> dict:
         "reference_loss": float(ref_loss),
         "worst_grad_diff": worst,
         "head_calls": len(head_calls),
+        "loss_dtype": str(loss.dtype).removeprefix("torch."),
         "passed": ok,
     }
 

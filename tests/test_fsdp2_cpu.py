@@ -34,6 +34,9 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     ]
     # The student's FSDP2-wrapped lm_head is read through its weight, never called (see fsdp2_cpu_check.check).
     assert all(r["head_calls"] == 0 for r in report["rows"]), report["rows"]
+    # Under bf16 mixed precision FSDP2 casts the student forward's outputs to bf16; TIPTrainer's loss, computed inside
+    # that forward, keeps its float32 value (as GKDTrainer's, computed outside); TIPDistillationTrainer's is TRL's.
+    assert {r["loss_dtype"] for r in report["rows"] if r["trainer"] == "gkd"} == {"float32"}
     failed = [r for r in report["rows"] if not r["passed"]]
     assert not failed and report["passed"], failed
     assert "FSDP2 CPU CHECK PASSED" in output, output

@@ -147,3 +147,22 @@ def test_an_fsdp2_unit_head_that_is_not_linear_is_refused_with_grad():
         kept_token_jsd(h, torch.randn(4, 5), head, nn.Linear(5, 7), torch.ones(4))
     with torch.no_grad():  # evaluation calls the head without a backward: allowed
         kept_token_jsd(h, torch.randn(4, 5), head, nn.Linear(5, 7), torch.ones(4))
+
+
+def test_undo_output_cast_keeps_the_inner_value_and_the_wrapper_gradient_path():
+    # FSDP2 with accelerate's bf16 policy casts the student forward's outputs (the loss among them) to bf16; the
+    # trainer gives back the inner float32 value while the gradient still goes through the returned (cast) tensor.
+    from trl_tip.loss import undo_output_cast
+
+    x = torch.tensor([0.1234567, 0.7654321], requires_grad=True)
+    inner = (x * x).sum() * 1.0001
+    seen = []
+    returned = inner.to(torch.bfloat16)
+    returned.register_hook(lambda g: seen.append(g.dtype))  # stands in for FSDP2's hooks on the forward's outputs
+    loss = undo_output_cast(returned, inner)
+    assert loss.dtype == torch.float32 and loss.item() == inner.item() and returned.item() != inner.item()
+    loss.backward()
+    assert seen == [torch.bfloat16]
+    torch.testing.assert_close(x.grad, 2 * x.detach() * 1.0001)
+    same = inner.detach().clone().requires_grad_(True)
+    assert undo_output_cast(same, inner) is same and undo_output_cast(same, None) is same

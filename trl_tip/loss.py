@@ -485,6 +485,17 @@ def _weighted_loss(hidden, teacher_hidden, head, teacher_head, token_weights, be
     return total
 
 
+def undo_output_cast(returned: torch.Tensor, inner: torch.Tensor | None) -> torch.Tensor:
+    """The loss `returned` by a wrapper's forward, holding the value of `inner`, the loss computed inside that forward,
+    when the wrapper cast it to a lower precision (FSDP2's `MixedPrecisionPolicy(output_dtype=bf16)`, which accelerate
+    sets for `mixed_precision: bf16`). The gradient still flows through `returned`, so the backward hooks the wrapper
+    put on its outputs run; `returned` is given back as it is when nothing was cast."""
+    if inner is None or returned.dtype == inner.dtype or not inner.is_floating_point():
+        return returned
+    returned = returned.to(inner.dtype)
+    return returned + (inner.detach() - returned.detach())
+
+
 def kept_token_jsd(
     hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,

@@ -12,6 +12,7 @@ from transformers.utils import logging
 from .._compat import GKDTrainer
 from .._quiet import quiet_logger
 from ..config import TIPConfig
+from ..loss import undo_output_cast
 from ..models import load_student_and_teacher
 from ..selection import TokenSelector
 from .backbone import backbone_hidden, check_peft_student
@@ -196,6 +197,7 @@ class TIPTrainer(GKDStepGeneration, TIPTrainerMixin, GKDTrainer):
             training,
             num_items_in_batch,
         )
+        loss = undo_output_cast(loss, self.__dict__.pop("_tip_inner_loss", None))  # GKDTrainer's loss is not cast
         if return_outputs:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -214,4 +216,5 @@ class TIPTrainer(GKDStepGeneration, TIPTrainerMixin, GKDTrainer):
         if training and num_items_in_batch is not None and self.accelerator.num_processes > 1:
             base_count = num_items_in_batch / self.accelerator.num_processes
         loss, _ = self._tip_loss(unwrapped, self.teacher_model, view, training=training, base_count=base_count)
+        self._tip_inner_loss = loss
         return loss
