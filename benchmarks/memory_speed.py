@@ -925,21 +925,22 @@ def profile_step(trainer, rule, data, shape, ns, phases: PhaseTimer, timer, devi
             f"{launches['cudagraph_skips']:.0f} (TORCH_LOGS=perf_hints prints why)",
             flush=True,
         )
+    averages = prof.key_averages()  # aggregated once: on a long generation step it takes seconds
     try:
-        table = prof.key_averages().table(
+        table = averages.table(
             sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40
         )
     except (AttributeError, KeyError, ValueError):  # older profilers name the CUDA column cuda_time_total
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+        table = averages.table(sort_by="cuda_time_total", row_limit=40)
     os.makedirs(ns.profile_dir, exist_ok=True)
     tag = f"{rule.label}_{shape}_ga{ns.grad_accum}".replace(" ", "_").replace("%", "")
     with open(os.path.join(ns.profile_dir, f"profile_{tag}.txt"), "w") as fh:
         fh.write(table)
     # Host-side cost (Python hooks, eager glue, synchronisations) does not show in the device-time table.
     with open(os.path.join(ns.profile_dir, f"profile_{tag}_cpu.txt"), "w") as fh:
-        fh.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50))
+        fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=50))
     events = sorted(
-        prof.key_averages(),
+        averages,
         key=lambda e: (
             getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
             if device.type == "cuda"

@@ -334,18 +334,19 @@ def no_input_require_grads_hooks(model: nn.Module) -> Iterator[None]:
         if not isinstance(module, nn.Embedding):
             continue
         hooks = forward_hooks(module)
-        if any(is_input_require_grads_hook(h) for h in hooks.values()):
-            saved.append((module, list(hooks.items())))
-            for key in [k for k, h in hooks.items() if is_input_require_grads_hook(h)]:
+        removed = [k for k, h in hooks.items() if is_input_require_grads_hook(h)]
+        if removed:
+            saved.append((module, dict(hooks)))
+            for key in removed:
                 del hooks[key]
     try:
         yield
     finally:
-        for module, items in saved:
+        for module, before in saved:
             hooks = forward_hooks(module)
-            added = [(k, h) for k, h in hooks.items() if k not in dict(items)]
+            added = {k: h for k, h in hooks.items() if k not in before}
             hooks.clear()
-            hooks.update(items)
+            hooks.update(before)
             hooks.update(added)
 
 

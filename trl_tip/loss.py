@@ -298,9 +298,11 @@ def _drive(hidden, teacher_hidden, head, teacher_head, targets, weights, plan, b
         del grad_logits, student_logits
         if ok is not None:
             # Rows with non-finite logits get no gradient: 0 * NaN would otherwise poison the whole weight gradient
-            # (a NaN/inf hidden row, or the soft-capping factor of a NaN logit).
+            # (a NaN/inf hidden row, or the soft-capping factor of a NaN logit). The per-chunk function already
+            # zeroed those rows of its gradient; only the soft-capping factor, applied here, can bring a NaN back.
             skipped = ~ok.unsqueeze(-1)
-            grad_raw.masked_fill_(skipped, 0.0)
+            if head.transforms:
+                grad_raw.masked_fill_(skipped, 0.0)
             h = h.masked_fill(skipped, 0.0)
         if grad_h is not None:
             grad_h[sl] = grad_raw @ weight
